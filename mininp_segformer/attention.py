@@ -1,0 +1,45 @@
+"""Efficient self-attention (SegFormer Sec. 3.1, after PVT): keys and values come from a spatially reduced sequence.
+
+Plain attention over N = H * W tokens costs O(N^2). Reshaping the tokens back to an (H, W) map and applying a
+conv with kernel = stride = R (the "sequence reduction") leaves N / R^2 keys and values, so the cost is O(N^2 / R^2).
+Queries keep full resolution; every output token still sees the whole image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layers import conv2d, layer_norm, linear, softmax
+
+
+def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int):
+    """`x: (B, N, C)` -> `(B, N / R^2, C)`: conv(kernel = stride = R, no padding) on the token map, then LayerNorm."""
+    b, n, c = x.shape
+    x = conv2d(x.reshape(b, height, width, c), p["sr"]["weight"], p["sr"]["bias"], stride=sr_ratio, padding=0)
+    return layer_norm(x.reshape(b, -1, c), p["layer_norm"]["weight"], p["layer_norm"]["bias"])
+
+
+def split_heads(x, num_heads: int):
+    """`(B, N, C)` -> `(B, heads, N, C / heads)`."""
+    b, n, c = x.shape
+    return x.reshape(b, n, num_heads, c // num_heads).transpose(0, 2, 1, 3)
+
+
+def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int):
+    """`x: (B, N, C)` -> (output `(B, N, C)`, attention probabilities `(B, heads, N, N_reduced)`).
+
+    `p` is the checkpoint's `attention` subtree: `self.{query,key,value,sr,layer_norm}` and `output.dense`.
+    """
+    ps = p["self"]
+    b, n, c = x.shape
+    head_dim = c // num_heads
+    q = split_heads(linear(x, ps["query"]["weight"], ps["query"]["bias"]), num_heads)
+    kv = spatial_reduction(x, height, width, ps, sr_ratio) if sr_ratio > 1 else x
+    k = split_heads(linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
+    v = split_heads(linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
+    # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V   (paper Eq. 1)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(head_dim**-0.5)
+    probs = softmax(scores, axis=-1)
+    context = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, c)  # merge heads back
+    out = linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
+    return out, probs

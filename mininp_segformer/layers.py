@@ -1,0 +1,138 @@
+"""The building blocks, each a short NumPy function on arrays.
+
+Layout: feature maps are channels-last, `(B, H, W, C)`, so that the transformer's tokens `(B, N, C)` with
+`N = H * W` are the same memory reshaped. Weights keep PyTorch's layouts as stored in the checkpoint
+(`nn.Linear`: `(C_out, C_in)`; `nn.Conv2d`: `(C_out, C_in / groups, kH, kW)`) and are re-ordered where used.
+Everything is float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .config import BATCH_NORM_EPS, LAYER_NORM_EPS
+
+
+def linear(x, weight, bias=None):
+    """nn.Linear: `x: (..., C_in)`, `weight: (C_out, C_in)`, `bias: (C_out,)` -> `(..., C_out)`."""
+    y = x @ weight.T  # a transposed view: BLAS reads it in place, no copy
+    if bias is not None:
+        y += bias
+    return y
+
+
+def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
+    """nn.LayerNorm over the last axis: `x: (..., C)`; biased variance, as torch. eps is torch's 1e-5 (see config)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    var = np.mean(centered * centered, axis=-1, keepdims=True)
+    return centered / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def gelu(x):
+    """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)): the exact form torch's nn.GELU() uses, not the tanh one.
+
+    This is the readable reference (math.erf element by element: slow); the model runs `kernels.gelu`.
+    """
+    return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))).astype(np.float32)
+
+
+def softmax(x, axis=-1):
+    """Numerically stable softmax: subtracting the max changes nothing mathematically but avoids overflow."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Spatial size after nn.Conv2d: floor((size + 2 padding - kernel) / stride) + 1."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def im2col(x, kernel: int, stride: int, padding: int):
+    """Unfold every k x k window of `x: (B, H, W, C)` into a row: `(B, H_out, W_out, k * k * C)`.
+
+    Row layout is (ky, kx, c). One strided slice per kernel tap, so the loop runs k*k times, never per pixel.
+    """
+    b, h, w, c = x.shape
+    h_out, w_out = conv_output_size(h, kernel, stride, padding), conv_output_size(w, kernel, stride, padding)
+    xp = np.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    cols = np.empty((b, h_out, w_out, kernel, kernel, c), dtype=x.dtype)
+    for ky in range(kernel):
+        for kx in range(kernel):
+            cols[:, :, :, ky, kx, :] = xp[:, ky : ky + stride * h_out : stride, kx : kx + stride * w_out : stride, :]
+    return cols.reshape(b, h_out, w_out, kernel * kernel * c)
+
+
+def conv2d(x, weight, bias, stride: int, padding: int):
+    """nn.Conv2d as one matmul: `x: (B, H, W, C_in)`, `weight: (C_out, C_in, k, k)` -> `(B, H_out, W_out, C_out)`."""
+    c_out, c_in, k, _ = weight.shape
+    w = weight.transpose(0, 2, 3, 1).reshape(c_out, k * k * c_in)  # torch's (c, ky, kx) -> our (ky, kx, c)
+    return linear(im2col(x, k, stride, padding), w, bias)
+
+
+def depthwise_conv3x3(x, weight, bias):
+    """Depthwise 3x3 conv, stride 1, zero padding 1 (groups = C): `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`.
+
+    Each channel is convolved with its own 3x3 filter; summed over the 9 taps as shifted slices.
+    """
+    b, h, w, c = x.shape
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.broadcast_to(bias, x.shape).copy()
+    for ky in range(3):
+        for kx in range(3):
+            out += xp[:, ky : ky + h, kx : kx + w, :] * weight[:, 0, ky, kx]
+    return out
+
+
+def batch_norm(x, weight, bias, running_mean, running_var, eps=BATCH_NORM_EPS):
+    """nn.BatchNorm2d at inference, over the last (channel) axis: (x - mean) / sqrt(var + eps) * weight + bias."""
+    return (x - running_mean) / np.sqrt(running_var + np.float32(eps)) * weight + bias
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def _bilinear_taps(size_in: int, size_out: int):
+    """Source indices and weights of 1-D linear interpolation, torch's `align_corners=False` convention.
+
+    Output pixel i samples the input at x = (i + 0.5) * size_in / size_out - 0.5 (pixel centres aligned), clamped
+    at 0 below; the two neighbours floor(x) and floor(x) + 1 (clamped to the last pixel) are weighted 1 - t and t.
+    torch's CPU kernel takes the scale in float32 and evaluates x with one fused multiply-add (a single rounding
+    to float32); evaluating in float64 and rounding once reproduces its weights bit for bit.
+    """
+    scale = np.float64(np.float32(size_in) / np.float32(size_out))
+    x = (scale * (np.arange(size_out) + 0.5) - 0.5).astype(np.float32)
+    x = np.maximum(x, np.float32(0))
+    i0 = np.minimum(x.astype(np.int64), size_in - 1)  # x >= 0, so the cast is floor
+    i1 = np.minimum(i0 + 1, size_in - 1)
+    t = x - i0.astype(np.float32)
+    return i0, i1, t, np.float32(1) - t
+
+
+def _resize_axis(x, axis: int, size_out: int):
+    """Linear interpolation of `x` along one axis to `size_out` samples."""
+    size_in = x.shape[axis]
+    if size_in == size_out:
+        return x  # torch: scale 1 gives weights (1, 0) exactly, an identity
+    i0, i1, t, one_minus_t = _bilinear_taps(size_in, size_out)
+    shape = [1] * x.ndim
+    shape[axis] = size_out
+    return np.take(x, i0, axis=axis) * one_minus_t.reshape(shape) + np.take(x, i1, axis=axis) * t.reshape(shape)
+
+
+def resize_bilinear(x, size, axes=(-2, -1)):
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False, antialias=False) on two axes of `x`.
+
+    `size` is (height, width); `axes` names the height and width axes: the default (-2, -1) fits (B, C, H, W),
+    (1, 2) fits channels-last (B, H, W, C). Separable: along width first, then height, which is the same sum, in
+    the same order, as torch's h0 * (w0 * a + w1 * b) + h1 * (w0 * c + w1 * d).
+    """
+    ax_h, ax_w = (a % x.ndim for a in axes)
+    out_h, out_w = size
+    return _resize_axis(_resize_axis(x, ax_w, out_w), ax_h, out_h)

@@ -1,0 +1,186 @@
+"""The model: a config + the checkpoint's tensors, called on `pixel_values` like HF's SegFormer classes.
+
+    model = load("nvidia/segformer-b0-finetuned-ade-512-512")     # or a local directory
+    out = model(pixel_values, output_hidden_states=True)           # out.logits: (B, num_labels, H/4, W/4)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import SegformerConfig
+from .decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
+from .encoder import mix_transformer
+from .layers import conv_output_size
+from .preprocessing import load_image, postprocess, preprocess
+from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head,
+                      load_checkpoint, unflatten)
+
+DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
+
+
+@dataclass
+class SegformerOutput:
+    """What HF's SemanticSegmenterOutput / ImageClassifierOutput / BaseModelOutput hold, as NumPy arrays.
+
+    logits: `(B, num_labels, H/4, W/4)` (segmentation) or `(B, num_labels)` (classification); None for a backbone.
+    last_hidden_state: the last stage, `(B, C_4, H/32, W/32)` (or `(B, N_4, C_4)` if not `reshape_last_stage`).
+    hidden_states: the four stage maps `(B, C_i, H_i, W_i)`, if asked for.
+    attentions: one `(B, heads, N, N_reduced)` per block, stage-major, if asked for.
+    """
+
+    logits: np.ndarray | None
+    last_hidden_state: np.ndarray
+    hidden_states: tuple[np.ndarray, ...] | None = None
+    attentions: tuple[np.ndarray, ...] | None = None
+
+
+def min_input_size(config: SegformerConfig) -> int:
+    """The smallest height (or width) the encoder accepts: every spatial-reduction conv needs at least one
+    window, i.e. each stage's size must be >= its sr_ratio (B0..B5: 29 pixels, set by stage 1's 8 x 8 reduction)."""
+    n = 1
+    while True:
+        size, ok = n, True
+        for k, s, r in zip(config.patch_sizes, config.strides, config.sr_ratios):
+            size = conv_output_size(size, k, s, k // 2)
+            ok &= size >= max(r, 1)
+        if ok:
+            return n
+        n += 1
+
+
+class Segformer:
+    """SegFormer with the head its checkpoint has: the all-MLP decoder (SegformerForSemanticSegmentation), a
+    linear classifier (SegformerForImageClassification) or none (SegformerModel)."""
+
+    def __init__(self, config: SegformerConfig, state_dict: dict[str, np.ndarray], head: str | None = None,
+                 image_size: tuple[int, int] = (512, 512), decoder: str = "fused"):
+        self.config = config
+        self.head = head or detect_head(state_dict, config)
+        check_state_dict(state_dict, config, self.head)
+        self.params = unflatten(state_dict)
+        self.image_size = tuple(image_size)  # what preprocess() resizes to for this model
+        self._min_size = min_input_size(config)
+        # "fused": the algebraically folded decode head (decoder.fold_decode_head); "literal": Eq. 4 as written.
+        if decoder not in ("fused", "literal"):
+            raise ValueError(f"decoder must be 'fused' or 'literal', got {decoder!r}")
+        self.decoder = decoder
+        self._folded = fold_decode_head(self.params["decode_head"]) if self.head == SEMANTIC else None
+        if self.head == SEMANTIC and not config.reshape_last_stage:
+            raise ValueError(
+                "reshape_last_stage=False with the decode head is not supported: transformers' decode head would "
+                "reshape the last stage by its channel count. Set reshape_last_stage to true in config.json."
+            )
+
+    def __repr__(self):
+        c = self.config
+        return (f"Segformer(head={self.head}, hidden_sizes={list(c.hidden_sizes)}, depths={list(c.depths)}, "
+                f"num_labels={c.num_labels}, image_size={self.image_size})")
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self.config.id2label
+
+    def _check_pixel_values(self, pixel_values) -> np.ndarray:
+        if not isinstance(pixel_values, np.ndarray):
+            raise TypeError(f"pixel_values must be a NumPy array (B, C, H, W); got {type(pixel_values).__name__}. "
+                            "For images use mininp_segformer.preprocess(image) or predict(image)")
+        x = pixel_values
+        c = self.config.num_channels
+        if x.ndim == 3 and x.shape[0] == c:
+            raise ValueError(f"pixel_values must be 4-D (B, C, H, W); got {x.shape}. Add the batch axis: x[None]")
+        if x.ndim != 4:
+            raise ValueError(f"pixel_values must be 4-D (B, C, H, W); got shape {x.shape}")
+        if x.shape[1] != c:
+            hint = " (channels-last? use x.transpose(0, 3, 1, 2))" if x.shape[-1] == c else ""
+            raise ValueError(f"pixel_values must have {c} channels on axis 1; got shape {x.shape}{hint}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise TypeError(f"pixel_values must be float (normalized); got {x.dtype}. Raw images go through "
+                            "mininp_segformer.preprocess(image) first")
+        if x.shape[0] == 0:
+            raise ValueError("pixel_values has an empty batch")
+        h, w = x.shape[2:]
+        if min(h, w) < self._min_size:
+            raise ValueError(
+                f"pixel_values of {h} x {w} are too small: this model needs at least {self._min_size} x "
+                f"{self._min_size} (its spatial-reduction convs need one full window). Resize the input up."
+            )
+        x = x.astype(np.float32, copy=False)
+        if not np.isfinite(x).all():
+            raise ValueError("pixel_values contain NaN or inf; check the image and the preprocessing")
+        return x
+
+    def __call__(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
+        """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes)."""
+        x = self._check_pixel_values(pixel_values)
+        encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
+        stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config)
+        hidden_states = tuple(np.ascontiguousarray(f.transpose(0, 3, 1, 2)) for f in stages)  # back to (B, C, H, W)
+        last = hidden_states[-1]
+        if not self.config.reshape_last_stage:
+            b, h, w, c = stages[-1].shape
+            last = stages[-1].reshape(b, h * w, c)
+            hidden_states = hidden_states[:-1] + (last,)
+        if self.head == SEMANTIC:
+            if self.decoder == "fused":
+                logits = fused_decode_head(stages, self._folded)
+            else:
+                logits = all_mlp_decode_head(stages, self.params["decode_head"])
+            logits = logits.transpose(0, 3, 1, 2)
+            logits = np.ascontiguousarray(logits)
+        elif self.head == CLASSIFICATION:
+            logits = classification_head(stages[-1], self.params["classifier"])
+        else:
+            logits = None
+        return SegformerOutput(
+            logits=logits,
+            last_hidden_state=last,
+            hidden_states=hidden_states if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+        )
+
+
+def _image_size(directory: Path) -> tuple[int, int]:
+    """The input size from `preprocessor_config.json` (HF's default 512 x 512 when there is none)."""
+    path = directory / PREPROCESSOR_NAME
+    if not path.exists():
+        return (512, 512)
+    try:
+        size = json.loads(path.read_text(encoding="utf-8")).get("size", {})
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not valid JSON; re-download it or delete it to use 512 x 512") from None
+    if isinstance(size, int):
+        return (size, size)
+    if "height" in size and "width" in size:
+        return (int(size["height"]), int(size["width"]))
+    if "shortest_edge" in size:
+        return (int(size["shortest_edge"]),) * 2
+    return (512, 512)
+
+
+def load(name_or_path, revision: str = "main") -> Segformer:
+    """Load a checkpoint: a local directory (config.json + model.safetensors), the bundled demo model's name, or a
+    Hugging Face Hub name such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded once, then cached)."""
+    from .hub import resolve
+
+    directory = resolve(name_or_path, revision=revision)
+    config, head, state = load_checkpoint(directory)
+    return Segformer(config, state, head=head, image_size=_image_size(directory))
+
+
+def predict(image, model=None) -> np.ndarray:
+    """Segment one image: a path, PIL image or `(H, W, 3)` uint8 array -> `(H, W)` int64 class ids at its own size.
+
+    `model`: a loaded Segformer, a directory or a Hub name; default "nvidia/segformer-b0-finetuned-ade-512-512".
+    """
+    if not isinstance(model, Segformer):
+        model = load(model if model is not None else DEFAULT_MODEL)
+    if model.head != SEMANTIC:
+        raise ValueError(f"predict() needs a segmentation checkpoint; this one is {model.head}")
+    rgb = load_image(image)
+    logits = model(preprocess(rgb, size=model.image_size)).logits
+    return postprocess(logits, target_sizes=[rgb.shape[:2]])[0]

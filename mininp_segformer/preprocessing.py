@@ -1,0 +1,172 @@
+"""From images to `pixel_values` and from logits to a segmentation map, as HF's `SegformerImageProcessor` does.
+
+preprocess: PIL bilinear resize of the uint8 RGB image to (height, width) -- 512 x 512 for the ADE checkpoints,
+which stretches the aspect ratio -- then x / 255 (in float64, cast to float32, exactly as HF's `rescale`), then
+(x - mean) / std with ImageNet's mean and std in float32.
+
+postprocess: bilinear resize of the logits to each image's size (torch `align_corners=False`) and argmax.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .layers import _bilinear_taps, resize_bilinear
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESCALE_FACTOR = 1 / 255  # HF's preprocessor_config: 0.00392156862745098
+DEFAULT_SIZE = (512, 512)
+
+
+class ImageError(ValueError):
+    """An input that is not an image we can segment."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB, explicitly.
+
+    Transparent images are composited onto white first (what HF's `convert_to_rgb` does); 16-bit and 32-bit
+    grayscale are scaled to 0..255 by their full range (PIL's own convert would clip them at 255).
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F":
+            raise ImageError("float (mode F) images have no defined range; convert them to 8-bit RGB first")
+        gray = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([gray] * 3, axis=-1))
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """An `(H, W)`, `(H, W, 1)`, `(H, W, 3)` or `(H, W, 4)` uint8/uint16 array -> `(H, W, 3)` uint8."""
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        hint = " (it looks channels-first: use a.transpose(1, 2, 0))" if a.ndim == 3 and a.shape[0] in (1, 3, 4) else ""
+        raise ImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {a.shape}{hint}")
+    if a.dtype == np.uint16:
+        a = np.round(a / 257.0).astype(np.uint8)  # 65535 -> 255
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise ImageError(
+            f"image arrays must be uint8 (0..255) or uint16; got {a.dtype}. A float image has no agreed range: "
+            "convert it, e.g. (np.clip(a, 0, 1) * 255).round().astype(np.uint8), or pass pixel_values to the model"
+        )
+    if a.ndim == 2:
+        return np.stack([a] * 3, axis=-1)
+    if a.shape[-1] == 4:
+        return np.asarray(_to_rgb(Image.fromarray(a)))
+    return np.ascontiguousarray(a)
+
+
+def load_image(image) -> np.ndarray:
+    """A path, a PIL image or an array -> the `(H, W, 3)` uint8 RGB array the model sees."""
+    if isinstance(image, (str, Path)):
+        path = Path(image)
+        if not path.exists():
+            raise ImageError(f"image file {path} does not exist")
+        if path.is_dir():
+            raise ImageError(f"{path} is a directory, not an image file")
+        try:
+            with Image.open(path) as img:
+                # Camera photos store their rotation in EXIF; apply it, as transformers' load_image does.
+                image = _to_rgb(ImageOps.exif_transpose(img))
+        except (UnidentifiedImageError, OSError) as e:
+            raise ImageError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or other format Pillow reads")
+    if isinstance(image, Image.Image):
+        a = np.asarray(_to_rgb(image))
+    elif isinstance(image, np.ndarray):
+        a = _array_to_rgb(image)
+    else:
+        raise ImageError(f"expected a path, a PIL image or a NumPy array; got {type(image).__name__}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageError(f"the image is empty (shape {a.shape})")
+    return a
+
+
+def _as_size(size) -> tuple[int, int]:
+    if size is None:
+        return DEFAULT_SIZE
+    if isinstance(size, (int, np.integer)):
+        size = (size, size)
+    if isinstance(size, dict):  # HF's {"height": h, "width": w}
+        size = (size["height"], size["width"])
+    h, w = (int(s) for s in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return h, w
+
+
+def normalize(rgb: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """`(H, W, 3)` uint8 -> `(3, H, W)` float32: x / 255 (in float64, as HF) then (x - mean) / std in float32."""
+    x = (rgb.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
+    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return x.transpose(2, 0, 1)
+
+
+def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Images -> `pixel_values: (B, 3, height, width)` float32, exactly HF's SegformerImageProcessor (PIL backend).
+
+    `images`: a path, PIL image or `(H, W, 3)` uint8 array, or a list of them. Grayscale, palette, RGBA and 16-bit
+    images are converted to 8-bit RGB explicitly. `size`: (height, width) or an int, default 512 x 512.
+    """
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if len(images) == 0:
+        raise ImageError("no images given")
+    h, w = _as_size(size)
+    batch = []
+    for image in images:
+        rgb = Image.fromarray(load_image(image))
+        resized = np.asarray(rgb.resize((w, h), resample=Image.Resampling.BILINEAR))  # PIL takes (width, height)
+        batch.append(normalize(resized, mean, std))
+    return np.stack(batch)
+
+
+def _resized_argmax(logits, size, band_rows: int = 64):
+    """argmax over classes of `logits: (C, h, w)` bilinearly resized to `size`, in bands of output rows.
+
+    Same numbers as resizing the whole (C, H, W) stack at once, but memory stays O(C * band_rows * W) --
+    a 150-class map of a 6000 x 4000 photo would otherwise need 14 GB.
+    """
+    out_h, out_w = size
+    c, in_h, _ = logits.shape
+    wide = resize_bilinear(logits, (in_h, out_w))  # (C, h, W): along the width once
+    i0, i1, t, one_minus_t = _bilinear_taps(in_h, out_h)
+    seg = np.empty((out_h, out_w), dtype=np.int64)
+    for start in range(0, out_h, band_rows):
+        rows = slice(start, min(start + band_rows, out_h))
+        if in_h == out_h:
+            band = wide[:, rows]
+        else:
+            band = wide[:, i0[rows]] * one_minus_t[rows, None] + wide[:, i1[rows]] * t[rows, None]
+        seg[rows] = band.argmax(axis=0)
+    return seg
+
+
+def postprocess(logits, target_sizes=None) -> list[np.ndarray]:
+    """HF's `post_process_semantic_segmentation`: `logits: (B, C, h, w)` -> a list of B `(H, W)` int64 class maps.
+
+    With `target_sizes` (one (H, W) per image) the logits are resized bilinearly before the argmax; without, the
+    maps stay at the logits' size.
+    """
+    logits = np.asarray(logits)
+    if logits.ndim != 4:
+        raise ValueError(f"logits must be (B, num_labels, h, w); got shape {logits.shape}")
+    if target_sizes is None:
+        return list(logits.argmax(axis=1))
+    if len(target_sizes) != len(logits):
+        raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits; pass one each")
+    return [_resized_argmax(lg, _as_size(size)) for lg, size in zip(logits, target_sizes)]

@@ -1,0 +1,571 @@
+#!/usr/bin/env python
+"""Dev-only: write the reference outputs of Hugging Face transformers that tests/test_parity.py compares against.
+
+    python tests/make_fixtures.py            # all cases
+    python tests/make_fixtures.py a d        # only some (see CASES at the bottom)
+
+Needs torch and transformers (the tests never import either). The weights reach transformers the way they reach
+mininp_segformer: `mininp_segformer.weights.random_state_dict(config, head, seed, stats)` makes them (deterministic
+NumPy), `save_checkpoint` writes a Hub-layout directory (config.json + model.safetensors), and transformers'
+`from_pretrained` loads it -- which must report no missing, unexpected or mismatched key, and every parameter must
+then equal our tensor bit for bit (so our on-disk key names are the real ones). Models run in float32, eval mode,
+with attn_implementation="eager" so that attentions are returned. Images go through `SegformerImageProcessorPil`
+(the PIL backend, i.e. the classic "slow" processor), never the torchvision one.
+
+The photos in ../shared/images/ are read, never stored: of their pixel_values only 4096 sampled values and the
+per-channel mean/std are kept. Each .npz holds a JSON "meta" entry (config, weight seed and digest, input seed and
+digest, versions); tests/fixtures/VERSIONS.json lists the versions and every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+import tempfile
+import time
+import types
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# config.py + weights.py are all this script needs from the package; if the package as a whole cannot be imported
+# yet (model half-written), load those two modules through a bare package object instead of its __init__.
+try:
+    import mininp_segformer  # noqa: F401
+except Exception:  # pragma: no cover - only while the package is being written
+    for name in [m for m in sys.modules if m == "mininp_segformer" or m.startswith("mininp_segformer.")]:
+        del sys.modules[name]
+    _pkg = types.ModuleType("mininp_segformer")
+    _pkg.__path__ = [str(ROOT / "mininp_segformer")]
+    sys.modules["mininp_segformer"] = _pkg
+
+from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
+from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, _read_header, to_transformers5_name,  # noqa: E402
+                                      random_state_dict, save_checkpoint)
+from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
+                            random_logits, random_pixel_values, smooth_image, state_digest)
+
+import PIL  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import (SegformerForImageClassification, SegformerForSemanticSegmentation,  # noqa: E402
+                          SegformerImageProcessorPil, SegformerModel)
+from transformers.image_utils import load_image as hf_load_image  # noqa: E402
+
+torch.set_num_threads(1)  # the machine is shared; every case is small
+torch.manual_seed(0)  # nothing random should run in torch, but make sure
+
+ADE_DIR = SHARED_DIR / "configs" / "segformer-b0-finetuned-ade-512-512"
+STATS_JSON = SHARED_DIR / "reference" / "segformer-b0-ade_weight_stats.json"
+EXPECTED_JSON = SHARED_DIR / "reference" / "segformer_expected_logits.json"
+IMAGES_DIR = SHARED_DIR / "images"
+N_PIXEL_SAMPLES = 4096
+SIZE_BUDGET = 25_000_000  # bytes, all files in tests/fixtures
+
+HF_CLASS = {SEMANTIC: SegformerForSemanticSegmentation, CLASSIFICATION: SegformerForImageClassification,
+            BACKBONE: SegformerModel}
+
+VERSIONS = {
+    "python": platform.python_version(),
+    "numpy": np.__version__,
+    "torch": torch.__version__,
+    "transformers": transformers.__version__,
+    "pillow": PIL.__version__,
+}
+
+written: dict[str, dict] = {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def ade_config() -> SegformerConfig:
+    """The real nvidia/segformer-b0-finetuned-ade-512-512 config.json (150 ADE20K labels)."""
+    return SegformerConfig.from_json(ADE_DIR / "config.json")
+
+
+def pil_processor(from_real_config: bool = True) -> SegformerImageProcessorPil:
+    """transformers' PIL-backend SegFormer processor; fails unless that is really the class and backend we got."""
+    if from_real_config:
+        proc = SegformerImageProcessorPil.from_pretrained(ADE_DIR)
+    else:
+        proc = SegformerImageProcessorPil()
+    if type(proc).__name__ != "SegformerImageProcessorPil" or getattr(proc, "backend", None) != "pil":
+        raise SystemExit(f"expected SegformerImageProcessorPil with backend 'pil', got {type(proc)!r} "
+                         f"(backend {getattr(proc, 'backend', None)!r})")
+    return proc
+
+
+def processor_info(proc) -> dict:
+    return {"class": f"{type(proc).__module__}.{type(proc).__name__}", "backend": proc.backend,
+            "size": dict(proc.size), "resample": int(proc.resample), "rescale_factor": proc.rescale_factor,
+            "image_mean": list(proc.image_mean), "image_std": list(proc.image_std)}
+
+
+@contextmanager
+def hf_model(config: SegformerConfig, head: str, state: dict):
+    """Write `state` with our save_checkpoint and load it with transformers' from_pretrained, strictly."""
+    cls = HF_CLASS[head]
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, config, state)
+        # 1. what save_checkpoint wrote is exactly the state (names, shapes, dtypes)
+        header, _ = _read_header(Path(tmp) / "model.safetensors")
+        header.pop("__metadata__", None)
+        on_disk = {k: tuple(v["shape"]) for k, v in header.items()}
+        wanted = {k: tuple(v.shape) for k, v in state.items()}
+        if on_disk != wanted:
+            diff = sorted(f"{k}: disk {on_disk.get(k)} vs state {wanted.get(k)}"
+                          for k in set(on_disk) | set(wanted) if on_disk.get(k) != wanted.get(k))
+            raise SystemExit("save_checkpoint wrote tensors that differ from the state dict:\n  " + "\n  ".join(diff))
+        # 2. transformers loads it without any missing / unexpected / mismatched key
+        model, info = cls.from_pretrained(tmp, output_loading_info=True, attn_implementation="eager",
+                                          dtype=torch.float32)
+        problems = {k: v for k, v in info.items() if v}
+        if problems:
+            raise SystemExit(f"{cls.__name__}.from_pretrained reported problems with our checkpoint: {problems}")
+        model.eval()
+        if model.config._attn_implementation != "eager":
+            raise SystemExit(f"attn_implementation is {model.config._attn_implementation}, not eager")
+        # 3. every parameter/buffer equals our tensor bit for bit, and every one is covered
+        hf_state = model.state_dict()
+        seen = set()
+        for k, v in state.items():
+            if k.endswith("num_batches_tracked"):
+                continue
+            name = to_transformers5_name(k)
+            if name not in hf_state:
+                raise SystemExit(f"our key {k} maps to {name}, which {cls.__name__} does not have")
+            if not torch.equal(hf_state[name], torch.from_numpy(np.ascontiguousarray(v))):
+                raise SystemExit(f"{cls.__name__}: parameter {name} (from {k}) differs from our tensor after loading")
+            seen.add(name)
+        rest = sorted(k for k in hf_state if k not in seen and not k.endswith("num_batches_tracked"))
+        if rest:
+            raise SystemExit(f"{cls.__name__} has tensors our checkpoint did not set: {rest}")
+        assert model.config.num_labels == config.num_labels
+        yield model
+
+
+def run(model, pixel_values: np.ndarray):
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(pixel_values)), output_hidden_states=True,
+                     output_attentions=True)
+
+
+def np32(t) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    assert a.dtype == np.float32, a.dtype
+    return np.ascontiguousarray(a)
+
+
+def label_map(t, num_labels: int) -> np.ndarray:
+    a = t.detach().cpu().numpy()
+    return a.astype(np.uint8 if num_labels <= 256 else np.int16)
+
+
+def weights_meta(config, head, seed, stats_name=None, state=None) -> dict:
+    return {"head": head, "seed": seed, "stats": stats_name,
+            "sha256": state_digest(state), "made_by": "mininp_segformer.weights.random_state_dict"}
+
+
+def save(name: str, arrays: dict, meta: dict) -> None:
+    meta = dict(meta, versions=VERSIONS, generated_by="tests/make_fixtures.py")
+    path = FIXTURES_DIR / f"{name}.npz"
+    np.savez_compressed(path, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
+    size = path.stat().st_size
+    written[path.name] = {"bytes": size, "case": meta.get("case"), "tensors": sorted(arrays)}
+    log(f"  wrote {path.relative_to(ROOT)}: {size / 1e6:.2f} MB, {len(arrays)} arrays")
+
+
+def outputs_of(out, prefix="") -> dict:
+    """hidden_state_i and attention_j (stage-major, all layers) of an HF output."""
+    arrays = {}
+    for i, h in enumerate(out.hidden_states):
+        arrays[f"{prefix}hidden_state_{i}"] = np32(h)
+    for j, a in enumerate(out.attentions):
+        arrays[f"{prefix}attention_{j}"] = np32(a)
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a. B0 with the real ADE config and weights drawn from the real statistics, on the three photos
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_A = 20240
+SEED_A_SAMPLES = 4096
+
+
+def write_weight_stats() -> dict:
+    src = json.loads(STATS_JSON.read_text(encoding="utf-8"))
+    tensors = {k: {"mean": v["mean"], "std": v["std"]} for k, v in sorted(src["tensors"].items())}
+    out = {
+        "description": "Per-tensor mean and std (3 decimals) of the real nvidia/segformer-b0-finetuned-ade-512-512 "
+                       "weights, by Hub key. The parity tests draw synthetic B0 weights from them "
+                       "(mininp_segformer.weights.random_state_dict(..., stats=tensors)). Statistics only, no weights.",
+        "source": "../shared/reference/segformer-b0-ade_weight_stats.json (sha256 "
+                  f"{hashlib.sha256(STATS_JSON.read_bytes()).hexdigest()}), which took them from "
+                  "github shanjiang7/GraphNet@3cc751f864f2e9fdd98f4b2b74a9125267ca2cb2 samples/transformers-auto-model/"
+                  "segformer-b0-finetuned-ade-512-512/weight_meta.py (MIT License); shape and dtype dropped",
+        "tensors": tensors,
+    }
+    (FIXTURES_DIR / WEIGHT_STATS_FIXTURE).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    written[WEIGHT_STATS_FIXTURE] = {"bytes": (FIXTURES_DIR / WEIGHT_STATS_FIXTURE).stat().st_size,
+                                     "case": "a (weight statistics)"}
+    return tensors
+
+
+def case_a_photos():
+    """B0-ADE config, weights ~ real per-tensor stats; the 3 photos through HF's PIL processor, model, postprocess."""
+    stats = write_weight_stats()
+    config = ade_config()
+    state = random_state_dict(config, SEMANTIC, seed=SEED_A, stats=stats)
+    missing = sorted(k for k in state if k not in stats and not k.endswith("num_batches_tracked"))
+    if missing:
+        raise SystemExit(f"the weight statistics do not cover {missing}")
+    proc = pil_processor()
+    with hf_model(config, SEMANTIC, state) as model:
+        for tag, filename in PHOTOS.items():
+            path = IMAGES_DIR / filename
+            image = hf_load_image(str(path))  # what HF pipelines do: EXIF transpose, convert("RGB")
+            width, height = image.size
+            pixel_values = proc(images=image, return_tensors="pt")["pixel_values"]
+            pv = np32(pixel_values)
+            out = run(model, pv)
+            seg = proc.post_process_semantic_segmentation(out, target_sizes=[(height, width)])[0]
+            flat = np.random.default_rng(SEED_A_SAMPLES).choice(pv.size, size=N_PIXEL_SAMPLES, replace=False)
+            positions = np.stack(np.unravel_index(np.sort(flat), pv.shape), axis=1).astype(np.int32)  # (n, 4)
+            arrays = {
+                "pixel_values_positions": positions,
+                "pixel_values_samples": pv[tuple(positions.T)],
+                "pixel_values_channel_mean": pv.astype(np.float64).mean(axis=(0, 2, 3)),
+                "pixel_values_channel_std": pv.astype(np.float64).std(axis=(0, 2, 3)),
+                "segmentation": label_map(seg, config.num_labels),
+            }
+            hs = [np32(h) for h in out.hidden_states]
+            logits = np32(out.logits)
+            if tag == "coco":
+                arrays.update({f"hidden_state_{i}": h for i, h in enumerate(hs)})
+                arrays["logits"] = logits
+                n_last = config.depths[-1]
+                first = sum(config.depths[:-1])
+                for j in range(first, first + n_last):
+                    arrays[f"attention_{j}"] = np32(out.attentions[j])
+            else:
+                arrays["logits_sub4"] = np.ascontiguousarray(logits[..., ::4, ::4])
+                arrays["hidden_state_3"] = hs[-1]
+            meta = {
+                "case": "a", "photo": f"../shared/images/{filename}", "photo_size_hw": [height, width],
+                "photo_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "config": config.to_dict(), "weights": weights_meta(config, SEMANTIC, SEED_A,
+                                                                     WEIGHT_STATS_FIXTURE, state),
+                "processor": processor_info(proc), "pixel_values_shape": list(pv.shape),
+                "logits_shape": list(logits.shape), "num_attentions": len(out.attentions),
+                "sample_seed": SEED_A_SAMPLES,
+                "note": "pixel_values_positions are (b, c, y, x) indices into pixel_values; the photo itself and "
+                        "its full pixel_values are not stored",
+            }
+            save(f"a_b0_ade_{tag}", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# b. B0-ADE, batch 2, random-normal pixel_values of odd size 97 x 211: every tensor
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_B_WEIGHTS, SEED_B_INPUT = 1001, 1002
+SHAPE_B = (2, 3, 97, 211)
+
+
+def case_b_batch_odd():
+    """B0-ADE, batch 2, random pixel_values 97 x 211: all hidden states, all attentions, logits."""
+    config = ade_config()
+    state = random_state_dict(config, SEMANTIC, seed=SEED_B_WEIGHTS)
+    x = random_pixel_values(SEED_B_INPUT, SHAPE_B)
+    with hf_model(config, SEMANTIC, state) as model:
+        out = run(model, x)
+    arrays = outputs_of(out)
+    arrays["logits"] = np32(out.logits)
+    meta = {"case": "b", "config": config.to_dict(),
+            "weights": weights_meta(config, SEMANTIC, SEED_B_WEIGHTS, state=state),
+            "input": {"seed": SEED_B_INPUT, "shape": list(SHAPE_B), "made_by": "random_pixel_values"},
+            "input_sha256": array_digest(x), "num_attentions": len(out.attentions)}
+    save("b_b0_ade_batch2_97x211", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# c. B0 with 7 labels at 512 x 683
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_C_WEIGHTS, SEED_C_INPUT = 2001, 2002
+SHAPE_C = (1, 3, 512, 683)
+
+
+def case_c_7_labels():
+    """B0 with 7 labels at 512 x 683: logits and the last two hidden states."""
+    config = variant_config("b0", num_labels=7)
+    state = random_state_dict(config, SEMANTIC, seed=SEED_C_WEIGHTS)
+    x = random_pixel_values(SEED_C_INPUT, SHAPE_C)
+    with hf_model(config, SEMANTIC, state) as model:
+        out = run(model, x)
+    arrays = {"logits": np32(out.logits), "hidden_state_2": np32(out.hidden_states[2]),
+              "hidden_state_3": np32(out.hidden_states[3])}
+    meta = {"case": "c", "config": config.to_dict(),
+            "weights": weights_meta(config, SEMANTIC, SEED_C_WEIGHTS, state=state),
+            "input": {"seed": SEED_C_INPUT, "shape": list(SHAPE_C), "made_by": "random_pixel_values"},
+            "input_sha256": array_digest(x)}
+    save("c_b0_7labels_512x683", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# d. MiT-b1..b5 with 19 labels on a small odd input
+# ----------------------------------------------------------------------------------------------------------------
+
+SHAPE_D = (1, 3, 65, 77)
+VARIANT_SEEDS = {"b1": 3001, "b2": 3002, "b3": 3003, "b4": 3004, "b5": 3005}
+
+
+def case_d_variants():
+    """MiT-b1..b5, 19 labels, 65 x 77: hidden states, attentions of every layer, logits."""
+    for name, seed in VARIANT_SEEDS.items():
+        config = variant_config(name, num_labels=19)
+        state = random_state_dict(config, SEMANTIC, seed=seed)
+        x = random_pixel_values(seed + 100, SHAPE_D)
+        with hf_model(config, SEMANTIC, state) as model:
+            out = run(model, x)
+        arrays = outputs_of(out)
+        arrays["logits"] = np32(out.logits)
+        meta = {"case": "d", "variant": name, "config": config.to_dict(),
+                "weights": weights_meta(config, SEMANTIC, seed, state=state),
+                "input": {"seed": seed + 100, "shape": list(SHAPE_D), "made_by": "random_pixel_values"},
+                "input_sha256": array_digest(x), "num_attentions": len(out.attentions)}
+        del state
+        save(f"d_{name}_19labels_65x77", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# e. Classification head (reshape_last_stage True / False) and the bare backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_E_WEIGHTS, SEED_E_INPUT = 4001, 4002
+SEED_E_BACKBONE = 4003
+SHAPE_E = (2, 3, 75, 90)
+
+
+def case_e_classification_backbone():
+    """SegformerForImageClassification (reshape_last_stage True/False) and SegformerModel."""
+    x = random_pixel_values(SEED_E_INPUT, SHAPE_E)
+    arrays, metas = {}, {}
+    for reshape in (True, False):
+        config = variant_config("b0", num_labels=10, architectures=(CLASSIFICATION,), reshape_last_stage=reshape)
+        state = random_state_dict(config, CLASSIFICATION, seed=SEED_E_WEIGHTS)
+        with hf_model(config, CLASSIFICATION, state) as model:
+            out = run(model, x)
+        tag = f"reshape_{str(reshape).lower()}"
+        arrays = {"logits": np32(out.logits), **{k: v for k, v in outputs_of(out).items() if "hidden" in k}}
+        meta = {"case": "e", "head": CLASSIFICATION, "reshape_last_stage": reshape, "config": config.to_dict(),
+                "weights": weights_meta(config, CLASSIFICATION, SEED_E_WEIGHTS, state=state),
+                "input": {"seed": SEED_E_INPUT, "shape": list(SHAPE_E), "made_by": "random_pixel_values"},
+                "input_sha256": array_digest(x),
+                "hidden_state_shapes": [list(h.shape) for h in out.hidden_states]}
+        save(f"e_classification_b0_{tag}", arrays, meta)
+
+    config = variant_config("b0", num_labels=10)
+    state = random_state_dict(config, BACKBONE, seed=SEED_E_BACKBONE)
+    with hf_model(config, BACKBONE, state) as model:
+        out = run(model, x)
+    arrays = {"last_hidden_state": np32(out.last_hidden_state)}
+    meta = {"case": "e", "head": BACKBONE, "config": config.to_dict(),
+            "weights": weights_meta(config, BACKBONE, SEED_E_BACKBONE, state=state),
+            "input": {"seed": SEED_E_INPUT, "shape": list(SHAPE_E), "made_by": "random_pixel_values"},
+            "input_sha256": array_digest(x)}
+    save("e_backbone_b0", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# f. The image processor alone, on synthetic uint8 images (full pixel_values)
+# ----------------------------------------------------------------------------------------------------------------
+
+PREPROCESS_CASES = [
+    # name, [(seed, height, width, as PIL?)], size passed to HF (None = its default 512 x 512), our size argument
+    ("up_37x53_default", [(5001, 37, 53, False)], None, None),
+    ("down_300x451_to_128x96", [(5002, 300, 451, False)], {"height": 128, "width": 96}, [128, 96]),
+    ("list_pil_and_array_to_64", [(5001, 37, 53, True), (5002, 300, 451, False)], {"height": 64, "width": 64}, 64),
+]
+
+
+def case_f_preprocess():
+    """SegformerImageProcessorPil on synthetic uint8 images: full pixel_values."""
+    from PIL import Image
+
+    proc = pil_processor(from_real_config=False)
+    real = processor_info(pil_processor(from_real_config=True))
+    if {k: v for k, v in processor_info(proc).items()} != real:
+        raise SystemExit(f"SegformerImageProcessorPil() defaults {processor_info(proc)} differ from the real "
+                         f"preprocessor_config.json {real}")
+    arrays, cases = {}, []
+    for name, images, hf_size, our_size in PREPROCESS_CASES:
+        inputs, digests = [], []
+        for seed, h, w, as_pil in images:
+            img = smooth_image(seed, h, w)
+            digests.append(array_digest(img))
+            inputs.append(Image.fromarray(img, mode="RGB") if as_pil else img)
+        kwargs = {} if hf_size is None else {"size": hf_size}
+        pv = proc(images=inputs if len(inputs) > 1 else inputs[0], return_tensors="np", **kwargs)["pixel_values"]
+        arrays[name] = np.asarray(pv, dtype=np.float32)
+        if arrays[name].dtype != pv.dtype:
+            raise SystemExit(f"HF pixel_values dtype {pv.dtype}")
+        cases.append({"name": name, "images": [{"seed": s, "height": h, "width": w, "as_pil": p}
+                                               for s, h, w, p in images],
+                      "image_sha256": digests, "hf_size": hf_size, "our_size": our_size,
+                      "shape": list(pv.shape)})
+    meta = {"case": "f", "processor": processor_info(proc), "cases": cases, "image_maker": "smooth_image",
+            "note": "photo preprocessing parity uses the sampled pixel_values in a_b0_ade_*.npz"}
+    save("f_preprocess", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# g. Bilinear resize alone (torch.nn.functional.interpolate, align_corners=False)
+# ----------------------------------------------------------------------------------------------------------------
+
+RESIZE_CASES = [
+    # name, seed, input shape (B, C, H, W), output (H, W)
+    ("up_x4", 6001, (1, 2, 8, 10), (32, 40)),
+    ("up_noninteger", 6002, (2, 3, 25, 53), (97, 211)),
+    ("down_x2", 6003, (1, 3, 64, 48), (32, 24)),
+    ("down_noninteger", 6004, (2, 2, 97, 211), (25, 53)),
+    ("mixed_down_up", 6005, (1, 4, 30, 20), (11, 77)),
+    ("logits_like_32_to_120x160", 6006, (1, 2, 32, 32), (120, 160)),
+    ("identity", 6007, (1, 1, 9, 7), (9, 7)),
+    ("from_one_pixel_row", 6008, (1, 2, 1, 5), (4, 3)),
+    ("to_one_pixel", 6009, (1, 2, 6, 5), (1, 1)),
+]
+
+
+def case_g_resize():
+    """torch.nn.functional.interpolate(bilinear, align_corners=False) on random tensors."""
+    arrays, cases = {}, []
+    for name, seed, shape, size in RESIZE_CASES:
+        x = random_pixel_values(seed, shape)
+        y = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bilinear", align_corners=False)
+        arrays[name] = np32(y)
+        cases.append({"name": name, "seed": seed, "shape": list(shape), "size": list(size),
+                      "input_sha256": array_digest(x)})
+    meta = {"case": "g", "cases": cases, "input_maker": "random_pixel_values",
+            "reference": "torch.nn.functional.interpolate(x, size, mode='bilinear', align_corners=False)"}
+    save("g_resize", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# h. post_process_semantic_segmentation on random logits
+# ----------------------------------------------------------------------------------------------------------------
+
+POSTPROCESS_CASES = [
+    # name, seed, logits shape, target sizes (None: no resize)
+    ("batch2_up_and_down", 7001, (2, 5, 13, 17), [(50, 61), (7, 9)]),
+    ("ade_like_150_to_100x130", 7002, (1, 150, 32, 32), [(100, 130)]),
+    ("no_target_sizes", 7003, (2, 19, 11, 14), None),
+]
+
+
+def case_h_postprocess():
+    """post_process_semantic_segmentation on random logits."""
+    proc = pil_processor(from_real_config=False)
+    arrays, cases = {}, []
+    for name, seed, shape, sizes in POSTPROCESS_CASES:
+        logits = random_logits(seed, shape)
+        maps = proc.post_process_semantic_segmentation(SimpleNamespace(logits=torch.from_numpy(logits)),
+                                                       target_sizes=sizes)
+        for i, m in enumerate(maps):
+            arrays[f"{name}__{i}"] = m.numpy().astype(np.int16)
+        cases.append({"name": name, "seed": seed, "shape": list(shape),
+                      "target_sizes": None if sizes is None else [list(s) for s in sizes],
+                      "input_sha256": array_digest(logits)})
+    meta = {"case": "h", "cases": cases, "input_maker": "random_logits", "processor": processor_info(proc)}
+    save("h_postprocess", arrays, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# i. The expected logits slice of the real checkpoint (from transformers' integration test)
+# ----------------------------------------------------------------------------------------------------------------
+
+def case_i_expected_slice():
+    """The real B0-ADE logits slice of transformers' integration test, copied with its source."""
+    src = json.loads(EXPECTED_JSON.read_text(encoding="utf-8"))
+    case = next(c for c in src["cases"] if c["model"] == "nvidia/segformer-b0-finetuned-ade-512-512")
+    out = {
+        "description": "logits[0, :3, :3, :3] of nvidia/segformer-b0-finetuned-ade-512-512 on "
+                       "../shared/images/coco_000000039769.png preprocessed by SegformerImageProcessor defaults "
+                       "(512 x 512 PIL bilinear, 1/255, ImageNet mean/std), as transformers' integration test "
+                       "expects them (atol 1e-4).",
+        "source": src["source"] + "; copied from ../shared/reference/segformer_expected_logits.json (sha256 "
+                  f"{hashlib.sha256(EXPECTED_JSON.read_bytes()).hexdigest()})",
+        "licence": "Apache-2.0 (transformers' test file)",
+        "model": case["model"], "image": case["image"], "logits_shape": case["logits_shape"],
+        "atol": case["atol_used_by_test"], "logits_0_:3_:3_:3": case["logits_0_:3_:3_:3"],
+    }
+    path = FIXTURES_DIR / "expected_logits_b0_ade.json"
+    path.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    written[path.name] = {"bytes": path.stat().st_size, "case": "i"}
+
+
+CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
+         "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
+         "i": case_i_expected_slice}
+
+
+def main(argv):
+    chosen = argv or list(CASES)
+    unknown = [c for c in chosen if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; choose from {list(CASES)}")
+    if not (SHARED_DIR / "images").is_dir():
+        raise SystemExit(f"{SHARED_DIR} is needed (configs, weight statistics, photos)")
+    FIXTURES_DIR.mkdir(parents=True, exist_ok=True)
+    versions_path = FIXTURES_DIR / "VERSIONS.json"
+    previous = json.loads(versions_path.read_text()) if versions_path.exists() else {}
+    for c in chosen:
+        t0 = time.perf_counter()
+        log(f"case {c}: {CASES[c].__doc__ or CASES[c].__name__}".splitlines()[0])
+        CASES[c]()
+        log(f"  ({time.perf_counter() - t0:.1f} s)")
+
+    files = dict(previous.get("files", {}))
+    files.update(written)
+    for name in list(files):
+        path = FIXTURES_DIR / name
+        if not path.exists():
+            del files[name]
+            continue
+        files[name]["bytes"] = path.stat().st_size
+        files[name]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    proc = pil_processor(from_real_config=True)
+    record = {
+        "generated_by": "tests/make_fixtures.py",
+        **VERSIONS,
+        "image_processor": processor_info(proc),
+        "image_processor_note": "transformers 5.x: SegformerImageProcessor is the torchvision backend; the fixtures "
+                                "use SegformerImageProcessorPil (PIL resize, NumPy rescale/normalize), the classic "
+                                "slow path that mininp_segformer.preprocess reproduces",
+        "model_settings": {"dtype": "float32", "eval": True, "attn_implementation": "eager",
+                           "torch_num_threads": torch.get_num_threads()},
+        "files": dict(sorted(files.items())),
+    }
+    versions_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    total = sum(p.stat().st_size for p in FIXTURES_DIR.iterdir() if p.is_file())
+    log(f"tests/fixtures: {total / 1e6:.2f} MB in total ({total / 2**20:.2f} MiB)")
+    if total > SIZE_BUDGET:
+        raise SystemExit(f"fixtures take {total} bytes, over the {SIZE_BUDGET} byte budget")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,144 @@
+"""Each building block against an independent, plainly written computation (float64 where it helps).
+
+Parity with torch itself lives in test_parity.py; here the layers are checked against their definitions, and
+each numba kernel against its NumPy twin on awkward shapes.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from mininp_segformer import kernels, layers
+from mininp_segformer.attention import efficient_self_attention
+from mininp_segformer.config import variant_config
+from mininp_segformer.model import min_input_size
+
+rng = np.random.default_rng(1234)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def conv2d_direct(x, w, b, stride, pad):
+    """Convolution as the textbook sum, one output pixel at a time (float64): the independent reference."""
+    bsz, h, wd, c = x.shape
+    co, ci, k, _ = w.shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = (h + 2 * pad - k) // stride + 1, (wd + 2 * pad - k) // stride + 1
+    out = np.zeros((bsz, ho, wo, co))
+    for i in range(ho):
+        for j in range(wo):
+            window = xp[:, i * stride : i * stride + k, j * stride : j * stride + k, :]  # (B, k, k, C)
+            out[:, i, j, :] = np.einsum("byxc,ocyx->bo", window, w.astype(np.float64)) + b
+    return out
+
+
+@pytest.mark.parametrize("shape,k,stride,pad", [
+    ((2, 13, 17, 3), 7, 4, 3),   # stage-1 patch embedding on an odd size
+    ((1, 9, 6, 5), 3, 2, 1),     # later stages
+    ((2, 16, 24, 4), 8, 8, 0),   # spatial reduction: kernel = stride
+    ((1, 5, 7, 2), 3, 1, 1),     # 1-pixel borders
+    ((1, 3, 3, 2), 3, 2, 1),
+])
+def test_conv2d_im2col_matches_direct_sum(shape, k, stride, pad):
+    x = randn(*shape)
+    w, b = randn(4, shape[-1], k, k), randn(4)
+    ours = layers.conv2d(x, w, b, stride, pad)
+    ref = conv2d_direct(x, w, b, stride, pad)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 3), (2, 5, 9, 7), (1, 12, 3, 16)])
+def test_depthwise_conv_is_a_grouped_conv(shape):
+    x = randn(*shape)
+    c = shape[-1]
+    w, b = randn(c, 1, 3, 3), randn(c)
+    dense = np.zeros((c, c, 3, 3), dtype=np.float32)  # groups = C: a block-diagonal dense conv
+    dense[np.arange(c), np.arange(c)] = w[:, 0]
+    np.testing.assert_allclose(layers.depthwise_conv3x3(x, w, b), conv2d_direct(x, dense, b, 1, 1), atol=1e-5)
+
+
+def test_gelu_kernel_equals_reference_and_definition():
+    x = np.concatenate([randn(1000) * 4, np.array([0, -0.0, 1e-8, -1e-8, 8, -8, 30, -30, 1e4, -1e4], np.float32)])
+    ref = layers.gelu(x)
+    fast = kernels.gelu(x.reshape(2, -1, 5)).reshape(-1)
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(fast, ref, rtol=2e-7, atol=1e-30)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+    np.testing.assert_allclose(fast, exact, rtol=1e-6, atol=1e-37)
+    tanh_form = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    assert np.abs(tanh_form - fast).max() > 1e-4  # the erf form, not the tanh approximation
+
+
+def test_layer_norm_and_softmax_match_their_formulas():
+    x = randn(3, 5, 7) * 3 + 2
+    w, b = randn(7), randn(7)
+    x64 = x.astype(np.float64)
+    ref = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-5) * w + b
+    np.testing.assert_allclose(layers.layer_norm(x, w, b), ref, atol=1e-5)
+    s = layers.softmax(x * 100)
+    assert np.isfinite(s).all()
+    np.testing.assert_allclose(s.sum(-1), 1, atol=1e-6)
+    np.testing.assert_allclose(layers.softmax(x), np.exp(x64) / np.exp(x64).sum(-1, keepdims=True), atol=1e-6)
+
+
+def test_bilinear_align_corners_false_worked_example():
+    x = np.array([[[[1.0, 3.0]]]], dtype=np.float32)  # (1, 1, 1, 2)
+    # 2 -> 4: sample points (i + 0.5) * 2 / 4 - 0.5 = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped to 1)
+    np.testing.assert_allclose(layers.resize_bilinear(x, (1, 4))[0, 0, 0], [1.0, 1.5, 2.5, 3.0])
+    # 4 -> 2 samples at 0.5 and 2.5: the means of neighbouring pairs (no antialiasing)
+    y = np.array([[[[0.0, 2.0, 4.0, 8.0]]]], dtype=np.float32)
+    np.testing.assert_allclose(layers.resize_bilinear(y, (1, 2))[0, 0, 0], [1.0, 6.0])
+
+
+def test_bilinear_preserves_constants_and_channels_last_equals_channels_first():
+    x = randn(2, 3, 5, 7)
+    up = layers.resize_bilinear(x, (11, 4))
+    last = layers.resize_bilinear(x.transpose(0, 2, 3, 1), (11, 4), axes=(1, 2))
+    np.testing.assert_array_equal(up, last.transpose(0, 3, 1, 2))
+    const = np.full((1, 1, 3, 4), 2.5, np.float32)
+    np.testing.assert_allclose(layers.resize_bilinear(const, (7, 9)), 2.5, rtol=1e-7)
+    assert layers.resize_bilinear(x, (5, 7)) is x or np.array_equal(layers.resize_bilinear(x, (5, 7)), x)
+
+
+def _attention_params(c, sr):
+    p = {"self": {n: {"weight": randn(c, c) * 0.3, "bias": randn(c) * 0.1} for n in ("query", "key", "value")},
+         "output": {"dense": {"weight": randn(c, c) * 0.3, "bias": randn(c)}}}
+    if sr > 1:
+        p["self"]["sr"] = {"weight": randn(c, c, sr, sr) * 0.1, "bias": randn(c)}
+        p["self"]["layer_norm"] = {"weight": randn(c), "bias": randn(c)}
+    return p
+
+
+def test_attention_without_reduction_is_plain_multi_head_attention():
+    b, h, w, c, heads = 2, 3, 5, 8, 2
+    x, p = randn(b, h * w, c), _attention_params(c, 1)
+    out, probs = efficient_self_attention(x, h, w, p, heads, sr_ratio=1)
+    x64 = x.astype(np.float64)
+    ps = p["self"]
+    q, k, v = (x64 @ ps[n]["weight"].T.astype(np.float64) + ps[n]["bias"] for n in ("query", "key", "value"))
+    ctx = np.zeros_like(q)
+    d = c // heads
+    for hd in range(heads):
+        sl = slice(hd * d, (hd + 1) * d)
+        s = q[:, :, sl] @ k[:, :, sl].transpose(0, 2, 1) / math.sqrt(d)
+        a = np.exp(s - s.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        np.testing.assert_allclose(probs[:, hd], a, atol=1e-6)
+        ctx[:, :, sl] = a @ v[:, :, sl]
+    ref = ctx @ p["output"]["dense"]["weight"].T + p["output"]["dense"]["bias"]
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_spatial_reduction_shrinks_keys_by_r_squared():
+    b, h, w, c = 1, 8, 12, 4
+    _, probs = efficient_self_attention(randn(b, h * w, c), h, w, _attention_params(c, 4), 1, sr_ratio=4)
+    assert probs.shape == (b, 1, h * w, (h // 4) * (w // 4))
+
+
+def test_min_input_size_is_set_by_stage_one_reduction():
+    assert min_input_size(variant_config("b0")) == 29  # ceil(29 / 4) = 8 = stage 1's sr_ratio
+    assert min_input_size(variant_config("b0", sr_ratios=(1, 1, 1, 1))) == 1

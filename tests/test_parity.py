@@ -1,0 +1,313 @@
+"""mininp_segformer against Hugging Face transformers, through the fixtures in tests/fixtures/ only.
+
+tests/make_fixtures.py (dev-only, needs torch + transformers) wrote what transformers' SegformerForSemanticSegmentation,
+SegformerForImageClassification, SegformerModel and SegformerImageProcessorPil return; here the same weights and
+inputs are regenerated from their seeds (their SHA-256 digests are checked first) and our outputs compared.
+Run with `-s` to see the max |error| of every tensor compared. Never imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import (FIXTURES_DIR, PHOTOS, array_digest, assert_close, assert_maps_match, bilinear_at,
+                            build_model, check_input_digest, load_fixture, random_logits, random_pixel_values,
+                            smooth_image, weights_for)
+
+# Tolerances: max |ours - transformers| <= RTOL * max |transformers| per tensor. The float32 noise of transformers
+# itself (float32 vs float64 run) is ~1e-6 of the max, so these leave ample room while still catching real bugs.
+MODEL_RTOL = 2e-5          # logits, hidden states, attentions (observed <= 2.2e-6; the ceiling would be 1e-4)
+PREPROCESS_ATOL = 1e-6     # pixel_values, absolute
+RESIZE_RTOL = 1e-6         # bilinear resize vs torch.nn.functional.interpolate
+TIE_ATOL = 1e-4            # argmax maps may differ only where our two competing scores are this close
+REAL_ENV = "MININP_SEGFORMER_REAL_B0_ADE"
+
+
+def _model_outputs(name, out, ref: dict, meta: dict, rtol=MODEL_RTOL, prefix=""):
+    """Compare every hidden_state_i / attention_j / logits the fixture holds; returns how many were compared."""
+    n = 0
+    for key in sorted(ref):
+        if key.startswith("hidden_state_"):
+            i = int(key.rsplit("_", 1)[1])
+            assert out.hidden_states is not None, f"{name}: hidden_states not returned"
+            assert len(out.hidden_states) == 4, f"{name}: {len(out.hidden_states)} hidden states, expected 4"
+            assert_close(f"{name} {prefix}{key}", out.hidden_states[i], ref[key], rtol)
+        elif key.startswith("attention_"):
+            j = int(key.rsplit("_", 1)[1])
+            assert out.attentions is not None, f"{name}: attentions not returned"
+            assert len(out.attentions) == meta["num_attentions"], (
+                f"{name}: {len(out.attentions)} attentions, transformers returns {meta['num_attentions']} "
+                "(one per layer, stage-major)")
+            assert_close(f"{name} {prefix}{key}", out.attentions[j], ref[key], rtol)
+        elif key == "logits":
+            assert_close(f"{name} logits", out.logits, ref[key], rtol)
+        else:
+            continue
+        n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a. B0-ADE (weights drawn from the real per-tensor statistics) on the three photos of ../shared/images
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def photo_model():
+    _, meta = load_fixture("a_b0_ade_coco")
+    for tag in PHOTOS:
+        assert load_fixture(f"a_b0_ade_{tag}")[1]["weights"] == meta["weights"], "photo fixtures use other weights"
+    model, config, _ = build_model(meta)
+    return model
+
+
+def _photo(shared_dir: Path, meta: dict) -> Path:
+    path = shared_dir / "images" / Path(meta["photo"]).name
+    assert path.exists(), f"{path} is missing"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == meta["photo_sha256"], (
+        f"{path} is not the photo the fixtures were made from")
+    return path
+
+
+@pytest.mark.parametrize("tag", list(PHOTOS))
+def test_photo_preprocess(tag, shared_dir):
+    """Our preprocess(path) vs SegformerImageProcessorPil at 4096 sampled positions + per-channel mean/std."""
+    from mininp_segformer import preprocess
+
+    ref, meta = load_fixture(f"a_b0_ade_{tag}")
+    ours = preprocess(_photo(shared_dir, meta))
+    assert ours.shape == tuple(meta["pixel_values_shape"]), f"{tag}: pixel_values shape {ours.shape}"
+    assert ours.dtype == np.float32, f"{tag}: pixel_values dtype {ours.dtype}"
+    pos = ref["pixel_values_positions"]
+    assert_close(f"{tag} pixel_values[{len(pos)} samples]", ours[tuple(pos.T)], ref["pixel_values_samples"],
+                 atol=PREPROCESS_ATOL)
+    o64 = ours.astype(np.float64)
+    assert_close(f"{tag} pixel_values channel mean", o64.mean(axis=(0, 2, 3)), ref["pixel_values_channel_mean"],
+                 atol=PREPROCESS_ATOL, dtype=None)
+    assert_close(f"{tag} pixel_values channel std", o64.std(axis=(0, 2, 3)), ref["pixel_values_channel_std"],
+                 atol=PREPROCESS_ATOL, dtype=None)
+
+
+@pytest.mark.parametrize("tag", list(PHOTOS))
+def test_photo_model(tag, shared_dir, photo_model):
+    """preprocess(photo) -> model -> postprocess(target size = photo size) vs the transformers pipeline."""
+    from mininp_segformer import postprocess, preprocess
+
+    ref, meta = load_fixture(f"a_b0_ade_{tag}")
+    x = preprocess(_photo(shared_dir, meta))
+    out = photo_model(x, output_hidden_states=True, output_attentions=True)
+    assert out.logits.shape == tuple(meta["logits_shape"]), f"{tag}: logits shape {out.logits.shape}"
+    if tag == "coco":
+        n = _model_outputs(tag, out, ref, meta)
+        assert n == 4 + 1 + 2, f"coco: compared {n} tensors"
+    else:
+        assert_close(f"{tag} logits[..., ::4, ::4]", out.logits[..., ::4, ::4], ref["logits_sub4"], MODEL_RTOL)
+        assert_close(f"{tag} hidden_state_3", out.hidden_states[3], ref["hidden_state_3"], MODEL_RTOL)
+
+    size = tuple(meta["photo_size_hw"])
+    maps = postprocess(out.logits, target_sizes=[size])
+    assert isinstance(maps, list) and len(maps) == 1, f"{tag}: postprocess returned {type(maps)} of {len(maps)}"
+    logits0 = out.logits[0]
+    assert_maps_match(f"{tag} segmentation {size}", maps[0], ref["segmentation"],
+                      scores=lambda ys, xs: bilinear_at(logits0, size, ys, xs), tie_atol=TIE_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# b-e. Random inputs: batch and odd sizes, other label counts, every variant, the classification head, the backbone
+# ----------------------------------------------------------------------------------------------------------------
+
+def _random_case(name, decoder="fused"):
+    ref, meta = load_fixture(name)
+    x = random_pixel_values(meta["input"]["seed"], meta["input"]["shape"])
+    check_input_digest(name, x, meta)
+    model, config, _ = build_model(meta, decoder)
+    return ref, meta, x, model
+
+
+# The fused decode head (the default) and the literal one (Eq. 4 as written) are both held to transformers.
+@pytest.mark.parametrize("decoder", ["fused", "literal"])
+def test_b0_ade_batch2_odd_size(decoder):
+    """B0-ADE, batch of 2 at 97 x 211: all 4 hidden states, all 8 attentions, logits."""
+    ref, meta, x, model = _random_case("b_b0_ade_batch2_97x211", decoder)
+    out = model(x, output_hidden_states=True, output_attentions=True)
+    n = _model_outputs(f"b0-ade 2x97x211 ({decoder} decoder)", out, ref, meta)
+    assert n == 4 + 8 + 1, f"compared {n} tensors"
+
+
+@pytest.mark.parametrize("decoder", ["fused", "literal"])
+def test_b0_7_labels_512x683(decoder):
+    ref, meta, x, model = _random_case("c_b0_7labels_512x683", decoder)
+    out = model(x, output_hidden_states=True)
+    assert out.logits.shape == (1, 7, 128, 171)
+    n = _model_outputs(f"b0 7 labels 512x683 ({decoder} decoder)", out, ref, meta)
+    assert n == 3, f"compared {n} tensors"
+
+
+@pytest.mark.parametrize("variant", ["b1", "b2", "b3", "b4", "b5"])
+def test_variant(variant):
+    """MiT-b1..b5 (variant_config(name, 19)) at 65 x 77: hidden states, attentions of every layer, logits."""
+    from mininp_segformer import SegformerConfig, variant_config
+
+    ref, meta, x, model = _random_case(f"d_{variant}_19labels_65x77")
+    assert variant_config(variant, num_labels=19) == SegformerConfig.from_dict(meta["config"]), (
+        f"variant_config({variant!r}, 19) is not the config the fixture was made with")
+    out = model(x, output_hidden_states=True, output_attentions=True)
+    n = _model_outputs(variant, out, ref, meta)
+    assert n == 4 + meta["num_attentions"] + 1, f"{variant}: compared {n} tensors"
+
+
+@pytest.mark.parametrize("reshape", [True, False])
+def test_classification_head(reshape):
+    """SegformerForImageClassification (b0, 10 labels), batch 2, reshape_last_stage True / False.
+
+    With reshape_last_stage=False transformers returns the last hidden state as (B, H*W, C) tokens."""
+    ref, meta, x, model = _random_case(f"e_classification_b0_reshape_{str(reshape).lower()}")
+    assert model.config.reshape_last_stage is reshape
+    out = model(x, output_hidden_states=True)
+    assert out.logits.shape == (2, 10)
+    assert [list(h.shape) for h in out.hidden_states] == meta["hidden_state_shapes"], "hidden state shapes differ"
+    n = _model_outputs(f"classification reshape_last_stage={reshape}", out, ref, meta)
+    assert n == 4 + 1, f"compared {n} tensors"
+
+
+def test_backbone():
+    """SegformerModel (no head): last_hidden_state."""
+    ref, meta, x, model = _random_case("e_backbone_b0")
+    out = model(x)
+    assert_close("backbone last_hidden_state", out.last_hidden_state, ref["last_hidden_state"], MODEL_RTOL)
+
+
+def test_load_checkpoint_directory(tmp_path):
+    """save_checkpoint -> load(directory) (head detected from the keys on disk) gives transformers' logits."""
+    from mininp_segformer import SegformerConfig, load
+    from mininp_segformer.weights import save_checkpoint
+
+    for name in ("e_classification_b0_reshape_true", "b_b0_ade_batch2_97x211"):
+        ref, meta = load_fixture(name)
+        config = SegformerConfig.from_dict(meta["config"])
+        directory = save_checkpoint(tmp_path / name, config, weights_for(meta))
+        model = load(directory)
+        x = random_pixel_values(meta["input"]["seed"], meta["input"]["shape"])
+        check_input_digest(name, x, meta)
+        assert_close(f"load({name}) logits", model(x).logits, ref["logits"], MODEL_RTOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# f-h. Preprocessing, bilinear resize and postprocessing alone
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["up_37x53_default", "down_300x451_to_128x96", "list_pil_and_array_to_64"])
+def test_preprocess_synthetic(name):
+    """preprocess() vs SegformerImageProcessorPil on smooth random uint8 images (arrays and PIL images)."""
+    from PIL import Image
+
+    from mininp_segformer import preprocess
+
+    ref, meta = load_fixture("f_preprocess")
+    case = next(c for c in meta["cases"] if c["name"] == name)
+    images = []
+    for spec, digest in zip(case["images"], case["image_sha256"]):
+        img = smooth_image(spec["seed"], spec["height"], spec["width"])
+        assert array_digest(img) == digest, f"{name}: smooth_image({spec}) changed; regenerate the fixtures"
+        images.append(Image.fromarray(img, mode="RGB") if spec["as_pil"] else img)
+    size = case["our_size"]
+    ours = preprocess(images if len(images) > 1 else images[0], **({} if size is None else {"size": size}))
+    assert ours.shape == tuple(case["shape"])
+    assert_close(f"preprocess {name} pixel_values", ours, ref[name], atol=PREPROCESS_ATOL)
+
+
+def _g_cases():
+    return ["up_x4", "up_noninteger", "down_x2", "down_noninteger", "mixed_down_up", "logits_like_32_to_120x160",
+            "identity", "from_one_pixel_row", "to_one_pixel"]
+
+
+@pytest.mark.parametrize("name", _g_cases())
+def test_resize_bilinear(name):
+    """layers.resize_bilinear vs torch.nn.functional.interpolate(bilinear, align_corners=False), NCHW and NHWC."""
+    from mininp_segformer.layers import resize_bilinear
+
+    ref, meta = load_fixture("g_resize")
+    assert sorted(_g_cases()) == sorted(c["name"] for c in meta["cases"]), "resize cases out of sync with fixture"
+    case = next(c for c in meta["cases"] if c["name"] == name)
+    x = random_pixel_values(case["seed"], case["shape"])
+    check_input_digest(name, x, case)
+    size = tuple(case["size"])
+    ours = resize_bilinear(x, size)
+    assert_close(f"resize {name} {tuple(case['shape'])}->{size}", ours, ref[name], RESIZE_RTOL, dtype=None)
+    nhwc = resize_bilinear(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), size, axes=(1, 2))
+    assert_close(f"resize {name} channels-last axes=(1, 2)", np.asarray(nhwc).transpose(0, 3, 1, 2), ref[name],
+                 RESIZE_RTOL, dtype=None)
+
+
+@pytest.mark.parametrize("name", ["batch2_up_and_down", "ade_like_150_to_100x130", "no_target_sizes"])
+def test_postprocess(name):
+    """postprocess() vs post_process_semantic_segmentation on random logits, with and without target sizes."""
+    from mininp_segformer import postprocess
+
+    ref, meta = load_fixture("h_postprocess")
+    case = next(c for c in meta["cases"] if c["name"] == name)
+    logits = random_logits(case["seed"], case["shape"])
+    check_input_digest(name, logits, case)
+    sizes = case["target_sizes"]
+    maps = postprocess(logits, target_sizes=None if sizes is None else [tuple(s) for s in sizes])
+    assert isinstance(maps, list) and len(maps) == len(logits)
+    for i, m in enumerate(maps):
+        expected = ref[f"{name}__{i}"]
+        lg = logits[i]
+        if sizes is None:
+            scores = lambda ys, xs, lg=lg: lg[:, ys, xs].astype(np.float64)  # noqa: E731
+        else:
+            scores = lambda ys, xs, lg=lg, s=tuple(sizes[i]): bilinear_at(lg, s, ys, xs)  # noqa: E731
+        assert_maps_match(f"postprocess {name}[{i}] {expected.shape}", np.asarray(m), expected, scores, TIE_ATOL)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# i. The real nvidia/segformer-b0-finetuned-ade-512-512 (only where a user has downloaded it)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.environ.get(REAL_ENV), reason=f"set {REAL_ENV} to a directory holding the real "
+                    "nvidia/segformer-b0-finetuned-ade-512-512 (config.json + model.safetensors)")
+def test_real_b0_ade_expected_logits(shared_dir):
+    """Our logits[0, :3, :3, :3] on the COCO cats equal transformers' integration-test slice within 1e-4."""
+    from mininp_segformer import load, preprocess
+
+    expected = json.loads((FIXTURES_DIR / "expected_logits_b0_ade.json").read_text(encoding="utf-8"))
+    directory = Path(os.environ[REAL_ENV])
+    assert (directory / "config.json").exists() and (directory / "model.safetensors").exists(), (
+        f"{REAL_ENV}={directory} must hold config.json and model.safetensors")
+    model = load(directory)
+    logits = model(preprocess(shared_dir / "images" / expected["image"])).logits
+    assert logits.shape == tuple(expected["logits_shape"])
+    assert_close("real b0-ade logits[0, :3, :3, :3]", logits[0, :3, :3, :3],
+                 np.array(expected["logits_0_:3_:3_:3"], dtype=np.float32), atol=expected["atol"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fixtures themselves
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_fixtures_within_size_budget():
+    total = sum(p.stat().st_size for p in FIXTURES_DIR.iterdir() if p.is_file())
+    print(f"tests/fixtures: {total / 1e6:.2f} MB")
+    assert total <= 25_000_000, f"tests/fixtures holds {total} bytes, over the 25 MB budget"
+    versions = json.loads((FIXTURES_DIR / "VERSIONS.json").read_text(encoding="utf-8"))
+    assert versions["image_processor"]["class"].endswith("SegformerImageProcessorPil")
+    assert versions["image_processor"]["backend"] == "pil"
+    for name, info in versions["files"].items():
+        path = FIXTURES_DIR / name
+        assert path.exists(), f"VERSIONS.json lists {name}, which is missing"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == info["sha256"], (
+            f"{name} differs from what make_fixtures.py recorded in VERSIONS.json (regenerate all fixtures together)")
+
+
+def test_parity_tests_never_import_torch_or_transformers():
+    """The comparison side must run without torch/transformers: only make_fixtures.py may import them."""
+    import sys
+
+    leaked = [m for m in ("torch", "transformers") if m in sys.modules]
+    assert not leaked, f"{leaked} got imported during the tests; the tests must only read tests/fixtures/"
