@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layers import conv2d, layer_norm, linear, softmax
+from .kernels import conv2d, layer_norm, softmax  # numba twins of the functions in layers.py
+from .layers import linear
 
 
 def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int):
@@ -37,9 +38,10 @@ def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int
     kv = spatial_reduction(x, height, width, ps, sr_ratio) if sr_ratio > 1 else x
     k = split_heads(linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
     v = split_heads(linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
-    # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V   (paper Eq. 1)
-    scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(head_dim**-0.5)
-    probs = softmax(scores, axis=-1)
+    # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V   (paper Eq. 1). The scale is applied to Q, which is
+    # N_reduced / d_head times smaller than the scores it would otherwise multiply.
+    scores = (q * np.float32(head_dim**-0.5)) @ k.transpose(0, 1, 3, 2)
+    probs = softmax(scores)
     context = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, c)  # merge heads back
     out = linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
     return out, probs

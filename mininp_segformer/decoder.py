@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .config import BATCH_NORM_EPS
+from .kernels import add_resized
 from .layers import batch_norm, linear, relu, resize_bilinear
 
 
@@ -55,10 +56,11 @@ def fold_decode_head(p: dict) -> dict:
 
 def fused_decode_head(stages, folded: dict):
     """`all_mlp_decode_head` computed through `fold_decode_head`'s weights: stage maps -> `(B, H_1, W_1, labels)`."""
-    size = stages[0].shape[1:3]
-    fused = folded["bias"]
-    for f, w in zip(stages, folded["stage_weights"]):
-        fused = fused + resize_bilinear(linear(f, w), size, axes=(1, 2))
+    b, h, w, _ = stages[0].shape
+    fused = np.empty((b, h, w, folded["bias"].shape[0]), dtype=np.float32)
+    fused[...] = folded["bias"]
+    for f, a in zip(stages, folded["stage_weights"]):
+        add_resized(fused, linear(f, a))  # fused += resize_bilinear(F_i A_i^T, (H_1, W_1)), in one pass
     return linear(relu(fused), **folded["classifier"])
 
 

@@ -7,10 +7,10 @@ conv leaks enough position information (zero padding) for the model to work at a
 
 from __future__ import annotations
 
-from . import kernels
 from .attention import efficient_self_attention
 from .config import SegformerConfig
-from .layers import conv2d, depthwise_conv3x3, layer_norm, linear
+from .kernels import conv2d, depthwise_conv3x3_gelu, layer_norm  # numba twins of layers.conv2d, ...
+from .layers import linear
 
 
 def overlap_patch_merging(x, p: dict, patch_size: int, stride: int):
@@ -24,9 +24,9 @@ def mix_ffn(x, height: int, width: int, p: dict):
     """Mix-FFN (Eq. 3): x_out = MLP(GELU(Conv3x3(MLP(x_in)))) on `x: (B, N, C)`; the residual is added by the block."""
     b, n, _ = x.shape
     h = linear(x, p["dense1"]["weight"], p["dense1"]["bias"])
-    h = depthwise_conv3x3(h.reshape(b, height, width, -1), p["dwconv"]["dwconv"]["weight"], p["dwconv"]["dwconv"]["bias"])
-    h = kernels.gelu(h.reshape(b, n, -1))
-    return linear(h, p["dense2"]["weight"], p["dense2"]["bias"])
+    # GELU(DWConv3x3(h)) in one pass: layers.gelu(layers.depthwise_conv3x3(h, ...)) is the same, step by step
+    h = depthwise_conv3x3_gelu(h.reshape(b, height, width, -1), **p["dwconv"]["dwconv"])
+    return linear(h.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
 
 
 def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int):

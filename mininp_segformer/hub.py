@@ -41,7 +41,8 @@ from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, CheckpointErr
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST_NAME = "manifest.json"
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"  # the source tree's weights/ directory
+# The project's own models: in the source tree a link to weights/<name>, in an installed wheel a copy.
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 TIMEOUT = 30.0  # seconds a connect or a read may stall before the download is given up
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "mininp_segformer (urllib)"
@@ -137,7 +138,7 @@ def _existing_dir(shown: str) -> Path:
 
 
 def bundled_models() -> list[str]:
-    """Names of the checkpoints bundled in the source tree's `weights/` directory."""
+    """Names of the checkpoints bundled with the package (`mininp_segformer/bundled/`, from `weights/`)."""
     if not BUNDLED_DIR.is_dir():
         return []
     return sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / CONFIG_NAME).is_file())
@@ -148,8 +149,8 @@ def _bundled_dir(name: str) -> Path:
         return BUNDLED_DIR / name
     if KNOWN_CHECKPOINTS.get(name, {}).get("bundled"):
         raise CheckpointError(
-            f"the demo model {name!r} ships with the project's source tree (weights/{name}), but {BUNDLED_DIR / name} "
-            "is not there in this installation; use a git checkout of the project or pass the directory's path")
+            f"the demo model {name!r} ships with the package, but {BUNDLED_DIR / name} is missing from this "
+            f"installation; reinstall mininp_segformer or pass the path of weights/{name} in a checkout of the project")
     hub_names = [k for k in KNOWN_CHECKPOINTS if k.endswith("/" + name)]
     hint = f" Did you mean {hub_names[0]!r}?" if hub_names else ""
     raise CheckpointError(

@@ -1,23 +1,316 @@
 """numba kernels for the hot loops; each has a plain-NumPy twin in `layers.py`, and tests hold the pairs equal.
 
-Compiled on first use and cached on disk (`cache=True`), so only the first process pays the compile time.
+They work on channels-last float32 arrays, run their outer loop in parallel over rows (`prange`), and keep the
+inner loop over channels free of calls and branches so LLVM turns it into SIMD code. Compiled on first use and
+cached on disk (`cache=True`), so only the first process pays the compile time.
+
+Two transcendental functions are spelled out because numba would otherwise call libm once per element:
+
+- exp(x): x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (truncation < 5e-9 relative),
+  and 2^n written straight into a float32's exponent bits;
+- erfc(z), z >= 0: Numerical Recipes' Chebyshev fit erfc(z) = t exp(-z^2 + P(t)), t = 1 / (1 + z / 2), with a
+  fractional error below 1.2e-7 everywhere (Press et al., Numerical Recipes, 2nd ed., Sec. 6.2), which keeps
+  GELU(x) = x Phi(x) = x erfc(-x / sqrt 2) / 2 accurate in relative terms far into the negative tail.
 """
 
 from __future__ import annotations
 
-import math
+import ctypes
+import os
+import threading
 
 import numba
 import numpy as np
+from numba import njit, prange
+
+from .config import LAYER_NORM_EPS
+from .layers import _bilinear_taps, conv_output_size, linear
+
+# numba's threading layer. With its OpenMP layer, the threads keep spinning after each parallel loop and compete with
+# OpenBLAS's threads for the same cores (measured here: 3-8x slower on 2 cores); the workqueue layer lets them sleep.
+# workqueue runs one parallel region at a time per process, so the public kernels below take _LOCK: callers on
+# several Python threads queue instead of aborting. NUMBA_THREADING_LAYER, if set, is left to rule.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+_LOCK = threading.Lock()
+
+_FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # allow SIMD reductions and FMAs
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that n * ln2 is subtracted without rounding error
+_LN2_LO = np.float32(-2.12194440e-4)
 
 
-@numba.vectorize(["float32(float32)"], cache=True)
-def _gelu32(x):
-    # erf in double precision, rounded once to float32: within 1 ulp of torch's float32 erf-GELU.
-    xd = np.float64(x)
-    return np.float32(0.5 * xd * (1.0 + math.erf(xd * 0.7071067811865476)))
+@njit(inline="always", **_FLAGS)
+def _exp_into(x, out, bits):
+    """out[:] = exp(x[:]) for float32 vectors; `bits` is int32 scratch of the same length, viewed as float32."""
+    scale = bits.view(np.float32)
+    for j in range(x.shape[0]):
+        v = min(max(x[j], np.float32(-87.0)), np.float32(88.0))
+        n = np.floor(v * _LOG2E + np.float32(0.5))
+        r = v - n * _LN2_HI - n * _LN2_LO
+        p = np.float32(1 / 5040)
+        p = p * r + np.float32(1 / 720)
+        p = p * r + np.float32(1 / 120)
+        p = p * r + np.float32(1 / 24)
+        p = p * r + np.float32(1 / 6)
+        p = p * r + np.float32(0.5)
+        p = p * r + np.float32(1)
+        out[j] = p * r + np.float32(1)
+        bits[j] = (np.int32(n) + np.int32(127)) << np.int32(23)  # the float32 2^n
+    for j in range(x.shape[0]):
+        out[j] *= scale[j]
+
+
+@njit(inline="always", **_FLAGS)
+def _gelu_into(x, out, t, z, bits):
+    """out[:] = GELU(x[:]) through erfc (see the module docstring); t, z, bits are scratch. `out` may be `x`."""
+    for j in range(x.shape[0]):
+        a = abs(x[j]) * np.float32(0.7071067811865476)
+        tj = np.float32(1) / (np.float32(1) + np.float32(0.5) * a)
+        p = np.float32(0.17087277)
+        p = p * tj + np.float32(-0.82215223)
+        p = p * tj + np.float32(1.48851587)
+        p = p * tj + np.float32(-1.13520398)
+        p = p * tj + np.float32(0.27886807)
+        p = p * tj + np.float32(-0.18628806)
+        p = p * tj + np.float32(0.09678418)
+        p = p * tj + np.float32(0.37409196)
+        p = p * tj + np.float32(1.00002368)
+        z[j] = p * tj - np.float32(1.26551223) - a * a
+        t[j] = tj  # erfc(a) = t exp(z)
+    _exp_into(z, z, bits)
+    for j in range(x.shape[0]):
+        half_erfc = np.float32(0.5) * t[j] * z[j]  # = Phi(-|x|)
+        phi = half_erfc if x[j] < 0 else np.float32(1) - half_erfc
+        out[j] = x[j] * phi
+
+
+@njit(parallel=True, **_FLAGS)
+def _gelu(x):
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    c = rows.shape[1]
+    for i in prange(rows.shape[0]):
+        _gelu_into(rows[i], out[i], np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.int32))
+    return out.reshape(x.shape)
+
+
+@njit(parallel=True, **_FLAGS)
+def _softmax(x):
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[1]
+    for i in prange(rows.shape[0]):
+        row = rows[i]
+        m = row[0]
+        for j in range(1, n):
+            m = max(m, row[j])
+        for j in range(n):
+            row[j] -= m
+        _exp_into(row, row, np.empty(n, np.int32))
+        s = np.float32(0)
+        for j in range(n):
+            s += row[j]
+        inv = np.float32(1) / s
+        for j in range(n):
+            row[j] *= inv
+    return x
+
+
+@njit(parallel=True, **_FLAGS)
+def _layer_norm(x, weight, bias, eps):
+    rows = x.reshape(-1, x.shape[-1])
+    out = np.empty_like(rows)
+    c = rows.shape[1]
+    inv_c = np.float32(1 / c)
+    eps = np.float32(eps)
+    for i in prange(rows.shape[0]):
+        row = rows[i]
+        mean = np.float32(0)
+        for j in range(c):
+            mean += row[j]
+        mean *= inv_c
+        var = np.float32(0)
+        for j in range(c):
+            d = row[j] - mean
+            var += d * d
+        inv = np.float32(1) / np.sqrt(var * inv_c + eps)
+        for j in range(c):
+            out[i, j] = (row[j] - mean) * inv * weight[j] + bias[j]
+    return out.reshape(x.shape)
+
+
+@njit(parallel=True, **_FLAGS)
+def _depthwise_conv3x3(x, weight, bias, apply_gelu):
+    """Depthwise 3x3 conv (zero padding 1) on `x: (B, H, W, C)`, `weight: (3, 3, C)`, then optionally GELU.
+
+    One output row at a time: for each of the 9 taps, the shifted input row times the tap is added to the whole
+    output row -- long contiguous loops over (W, C) that vectorise, with the borders handled by the loop bounds.
+    """
+    b, h, w, c = x.shape
+    out = np.empty_like(x)
+    for bi in prange(b * h):
+        n, i = bi // h, bi % h
+        row = out[n, i]  # (W, C)
+        for j in range(w):
+            row[j, :] = bias
+        for ky in range(3):
+            y = i + ky - 1
+            if y < 0 or y >= h:
+                continue
+            src = x[n, y]
+            for kx in range(3):
+                dx = kx - 1
+                tap = weight[ky, kx]
+                for j in range(max(0, -dx), min(w, w - dx)):
+                    s, d = src[j + dx], row[j]
+                    for ch in range(c):
+                        d[ch] += s[ch] * tap[ch]
+        if apply_gelu:
+            flat = row.reshape(w * c)
+            _gelu_into(flat, flat, np.empty(w * c, np.float32), np.empty(w * c, np.float32),
+                       np.empty(w * c, np.int32))
+    return out
+
+
+@njit(parallel=True, cache=True)
+def _im2col(x, kernel, stride, padding, h_out, w_out):
+    b, h, w, c = x.shape
+    cols = np.zeros((b, h_out, w_out, kernel, kernel, c), np.float32)
+    for bi in prange(b * h_out):
+        n, i = bi // h_out, bi % h_out
+        for j in range(w_out):
+            for ky in range(kernel):
+                y = i * stride + ky - padding
+                if 0 <= y < h:
+                    for kx in range(kernel):
+                        xx = j * stride + kx - padding
+                        if 0 <= xx < w:
+                            cols[n, i, j, ky, kx] = x[n, y, xx]
+    return cols.reshape(b, h_out, w_out, kernel * kernel * c)
+
+
+@njit(parallel=True, **_FLAGS)
+def _add_resized(out, x, i0, i1, th, j0, j1, tw):
+    b, oh, ow, c = out.shape
+    for bi in prange(b * oh):
+        n, i = bi // oh, bi % oh
+        a, bb = np.float32(1) - th[i], th[i]
+        r0, r1 = x[n, i0[i]], x[n, i1[i]]
+        for j in range(ow):
+            wa, wb = np.float32(1) - tw[j], tw[j]
+            p, q = j0[j], j1[j]
+            dst = out[n, i, j]
+            for ch in range(c):
+                # torch's order: along the width first, then the height
+                dst[ch] += a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
+    return out
+
+
+
+# ---- the public kernels: the signatures of their twins in layers.py ------------------------------------------------
+
+def _f32(x):
+    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 def gelu(x):
-    """Exact-erf GELU on a float32 array (twin of `layers.gelu`)."""
-    return _gelu32(x)
+    """Exact-erf GELU (twin of `layers.gelu`)."""
+    x = _f32(x)
+    with _LOCK:
+        return _gelu(x)
+
+
+def softmax(x):
+    """Softmax over the last axis (twin of `layers.softmax`). Overwrites `x` when it is contiguous float32."""
+    x = _f32(x)
+    with _LOCK:
+        return _softmax(x)
+
+
+def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
+    """LayerNorm over the last axis (twin of `layers.layer_norm`)."""
+    x = _f32(x)
+    with _LOCK:
+        return _layer_norm(x, weight, bias, eps)
+
+
+def depthwise_conv3x3(x, weight, bias, apply_gelu=False):
+    """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)` (twin of `layers.depthwise_conv3x3`)."""
+    x, taps_last = _f32(x), _f32(weight[:, 0].transpose(1, 2, 0))  # (C, 1, 3, 3) -> (3, 3, C)
+    with _LOCK:
+        return _depthwise_conv3x3(x, taps_last, bias, apply_gelu)
+
+
+def depthwise_conv3x3_gelu(x, weight, bias):
+    """GELU(depthwise_conv3x3(x)): Mix-FFN's conv and activation in one pass over memory."""
+    return depthwise_conv3x3(x, weight, bias, apply_gelu=True)
+
+
+def im2col(x, kernel: int, stride: int, padding: int):
+    """`x: (B, H, W, C)` -> `(B, H_out, W_out, k * k * C)` (twin of `layers.im2col`)."""
+    h_out = conv_output_size(x.shape[1], kernel, stride, padding)
+    w_out = conv_output_size(x.shape[2], kernel, stride, padding)
+    x = _f32(x)
+    with _LOCK:
+        return _im2col(x, kernel, stride, padding, h_out, w_out)
+
+
+def conv2d(x, weight, bias, stride: int, padding: int):
+    """nn.Conv2d as im2col + one matmul (twin of `layers.conv2d`)."""
+    c_out, c_in, k, _ = weight.shape
+    return linear(im2col(x, k, stride, padding), weight.transpose(0, 2, 3, 1).reshape(c_out, k * k * c_in), bias)
+
+
+def add_resized(out, x):
+    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps, in one pass; returns out."""
+    (_, oh, ow, _), (_, h, w, _) = out.shape, x.shape
+    if (h, w) == (oh, ow):
+        out += x
+        return out
+    i0, i1, th, _ = _bilinear_taps(h, oh)
+    j0, j1, tw, _ = _bilinear_taps(w, ow)
+    x = _f32(x)
+    with _LOCK:
+        return _add_resized(out, x, i0, i1, th, j0, j1, tw)
+
+
+def set_num_threads(n: int | None = None) -> int:
+    """Use `n` threads (default: all cores) for the numba kernels and for BLAS; returns the number set.
+
+    Also read at import from the environment variable MININP_SEGFORMER_THREADS.
+    """
+    n = int(n or os.cpu_count() or 1)
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    _set_blas_threads(n)
+    return n
+
+
+def _set_blas_threads(n: int) -> None:
+    """Tell NumPy's BLAS (OpenBLAS, or MKL / BLIS through threadpoolctl when installed) to use n threads."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        pass
+    else:
+        threadpool_limits(n, user_api="blas")
+        return
+    # Without threadpoolctl: call OpenBLAS's own setter in the library NumPy loaded (Linux, macOS).
+    for path in _loaded_libraries():
+        if "openblas" not in os.path.basename(path).lower():
+            continue
+        lib = ctypes.CDLL(path)
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            setter = getattr(lib, symbol, None)
+            if setter is not None:
+                setter(ctypes.c_int(n))
+                return
+
+
+def _loaded_libraries() -> list[str]:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sorted({line.split()[-1] for line in maps if ".so" in line})
+    except OSError:
+        return []

@@ -64,7 +64,7 @@ class Segformer:
         check_state_dict(state_dict, config, self.head)
         self.params = unflatten(state_dict)
         self.image_size = tuple(image_size)  # what preprocess() resizes to for this model
-        self._min_size = min_input_size(config)
+        self.min_size = min_input_size(config)  # smallest height / width it accepts
         # "fused": the algebraically folded decode head (decoder.fold_decode_head); "literal": Eq. 4 as written.
         if decoder not in ("fused", "literal"):
             raise ValueError(f"decoder must be 'fused' or 'literal', got {decoder!r}")
@@ -104,10 +104,10 @@ class Segformer:
         if x.shape[0] == 0:
             raise ValueError("pixel_values has an empty batch")
         h, w = x.shape[2:]
-        if min(h, w) < self._min_size:
+        if min(h, w) < self.min_size:
             raise ValueError(
-                f"pixel_values of {h} x {w} are too small: this model needs at least {self._min_size} x "
-                f"{self._min_size} (its spatial-reduction convs need one full window). Resize the input up."
+                f"pixel_values of {h} x {w} are too small: this model needs at least {self.min_size} x "
+                f"{self.min_size} (its spatial-reduction convs need one full window). Resize the input up."
             )
         x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():

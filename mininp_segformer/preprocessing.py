@@ -5,6 +5,9 @@ which stretches the aspect ratio -- then x / 255 (in float64, cast to float32, e
 (x - mean) / std with ImageNet's mean and std in float32.
 
 postprocess: bilinear resize of the logits to each image's size (torch `align_corners=False`) and argmax.
+
+mmseg_size / rescale_size / align_size: the sizes of the other convention, mmseg's keep-ratio test resize that
+SegFormer's own evaluation used (mininp_segformer.inference selects between the two).
 """
 
 from __future__ import annotations
@@ -127,12 +130,45 @@ def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
     if len(images) == 0:
         raise ImageError("no images given")
     h, w = _as_size(size)
-    batch = []
-    for image in images:
-        rgb = Image.fromarray(load_image(image))
-        resized = np.asarray(rgb.resize((w, h), resample=Image.Resampling.BILINEAR))  # PIL takes (width, height)
-        batch.append(normalize(resized, mean, std))
-    return np.stack(batch)
+    return np.stack([normalize(resize_image(load_image(image), (h, w)), mean, std) for image in images])
+
+
+def resize_image(rgb: np.ndarray, size) -> np.ndarray:
+    """`(H, W, 3)` uint8 -> `(height, width, 3)` uint8, PIL's bilinear filter (HF's resample=2); same size: as is."""
+    h, w = _as_size(size)
+    if rgb.shape[:2] == (h, w):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((w, h), resample=Image.Resampling.BILINEAR))  # PIL: (w, h)
+
+
+# mmseg's test-time resize (SegFormer's own evaluation): keep the aspect ratio within a (long, short) bound, then
+# round both sides up to a multiple of 32 (SegFormer's AlignedResize). See docs/cli.md, "Resizing".
+MMSEG_LONG_SIDE = 2048
+SIZE_DIVISOR = 32
+
+
+def rescale_size(size, scale) -> tuple[int, int]:
+    """mmcv's `rescale_size` for a tuple scale: the keep-ratio size of `size = (H, W)` that fits `scale`.
+
+    `scale = (long, short)` (order does not matter) bounds the long side by max(scale) and the short side by
+    min(scale), whichever limits more: factor = min(max(scale) / max(H, W), min(scale) / min(H, W)); each side
+    becomes int(side * factor + 0.5). E.g. ADE's (2048, 512): (512, 683) stays, (4000, 6000) -> (512, 768).
+    """
+    h, w = size
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def align_size(size, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """Both sides rounded up to a multiple of `divisor` (SegFormer's AlignedResize resizes to this size; mmseg's
+    Pad(size_divisor) would pad to it instead)."""
+    return tuple(-(-int(s) // divisor) * divisor for s in size)
+
+
+def mmseg_size(size, scale, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """The size SegFormer's ADE/Cityscapes test pipeline resizes an `(H, W)` image to: AlignedResize(scale,
+    keep_ratio=True, size_divisor=32) = `align_size(rescale_size(size, scale), divisor)`."""
+    return align_size(rescale_size(size, scale), divisor)
 
 
 def _resized_argmax(logits, size, band_rows: int = 64):

@@ -58,6 +58,39 @@ def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
+def random_segmentation_pair(seed: int, height: int, width: int, num_labels: int, ignore_index: int = 255,
+                             ignore_fraction: float = 0.1, error_fraction: float = 0.4):
+    """(prediction, label map), both (H, W) uint8, for the metric tests.
+
+    The label map is made of 8 x 8 blocks of classes 0..num_labels-3 with `ignore_fraction` of its pixels set to
+    `ignore_index`; the prediction copies it, then `error_fraction` of its pixels (and all ignored ones) get a
+    random class in 0..num_labels-2. So class num_labels-2 can only be predicted, and num_labels-1 is in neither.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, num_labels - 2, size=(-(-height // 8), -(-width // 8)))
+    label = np.kron(coarse, np.ones((8, 8), dtype=np.int64))[:height, :width]
+    label[rng.random((height, width)) < ignore_fraction] = ignore_index
+    pred = label.copy()
+    wrong = (rng.random((height, width)) < error_fraction) | (label == ignore_index)
+    pred[wrong] = rng.integers(0, num_labels - 1, size=int(wrong.sum()))
+    return pred.astype(np.uint8), label.astype(np.uint8)
+
+
+def perturbed_ade_prediction(annotation: np.ndarray, seed: int, num_labels: int = 150, shift=(3, -5),
+                             noise: float = 0.05) -> np.ndarray:
+    """A deterministic, imperfect prediction for an ADE annotation (mode L: 0 = other, v = class v - 1).
+
+    The classes (v - 1) are shifted by `shift` pixels (rows, columns; wrapping around) and `noise` of the pixels,
+    plus those that were "other", get a random class of 0..num_labels-1. Returns (H, W) uint8.
+    """
+    rng = np.random.default_rng(seed)
+    classes = np.where(annotation == 0, 255, annotation.astype(np.int64) - 1)
+    pred = np.roll(classes, shift, axis=(0, 1))
+    wrong = (pred == 255) | (rng.random(annotation.shape) < noise)
+    pred[wrong] = rng.integers(0, num_labels, size=int(wrong.sum()))
+    return pred.astype(np.uint8)
+
+
 def array_digest(*arrays) -> str:
     """SHA-256 over shapes, dtypes and bytes: proves that a test regenerated exactly the fixture's input."""
     h = hashlib.sha256()

@@ -50,7 +50,8 @@ from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E40
 from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, _read_header, to_transformers5_name,  # noqa: E402
                                       random_state_dict, save_checkpoint)
 from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
-                            random_logits, random_pixel_values, smooth_image, state_digest)
+                            perturbed_ade_prediction, random_logits, random_pixel_values,
+                            random_segmentation_pair, smooth_image, state_digest)
 
 import PIL  # noqa: E402
 import torch  # noqa: E402
@@ -518,9 +519,76 @@ def case_i_expected_slice():
     written[path.name] = {"bytes": path.stat().st_size, "case": "i"}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# j. Segmentation metrics: mean IoU & co. by an independent torch implementation (mmseg's intersect_and_union)
+# ----------------------------------------------------------------------------------------------------------------
+
+METRIC_PAIRS_J = [(8001, 37, 53), (8002, 64, 64), (8003, 17, 120)]  # (seed, height, width) of random pairs
+NUM_LABELS_J = 8
+SEED_J_ADE = 8100
+ADE_ANNOTATION = "ADE_train_00000001_seg.png"
+
+
+def torch_intersect_and_union(pred, label, num_labels, ignore_index=255, reduce_zero_label=False):
+    """mmseg's intersect_and_union (mmseg/core/evaluation/metrics.py), written here in torch: areas via histc."""
+    pred = torch.from_numpy(np.asarray(pred).astype(np.int64))
+    label = torch.from_numpy(np.asarray(label).astype(np.int64))
+    if reduce_zero_label:
+        label[label == 0] = 255
+        label = label - 1
+        label[label == 254] = 255
+    mask = label != ignore_index
+    pred, label = pred[mask], label[mask]
+    intersect = pred[pred == label]
+    hist = lambda x: torch.histc(x.float(), bins=num_labels, min=0, max=num_labels - 1)  # noqa: E731
+    area_intersect, area_pred, area_label = hist(intersect), hist(pred), hist(label)
+    return area_intersect, area_pred + area_label - area_intersect, area_pred, area_label
+
+
+def torch_metrics(pairs, num_labels, ignore_index=255, reduce_zero_label=False) -> dict:
+    """mmseg's total_intersect_and_union + eval_metrics / HF's mean_iou, in float64 torch: sums over the set."""
+    totals = [torch.zeros(num_labels, dtype=torch.float64) for _ in range(4)]
+    for pred, label in pairs:
+        for t, a in zip(totals, torch_intersect_and_union(pred, label, num_labels, ignore_index, reduce_zero_label)):
+            t += a.double()
+    inter, union, pred_area, label_area = totals
+    iou, acc = inter / union, inter / label_area
+    return {"area_intersect": inter.numpy(), "area_union": union.numpy(), "area_pred": pred_area.numpy(),
+            "area_label": label_area.numpy(), "per_class_iou": iou.numpy(), "per_class_accuracy": acc.numpy(),
+            "mean_iou": np.array(torch.nanmean(iou).item()), "mean_accuracy": np.array(torch.nanmean(acc).item()),
+            "pixel_accuracy": np.array((inter.sum() / label_area.sum()).item())}
+
+
+def case_j_metrics():
+    """Mean IoU, per-class IoU/accuracy, pixel accuracy by an independent torch implementation (mmseg style)."""
+    from PIL import Image
+
+    pairs = [random_segmentation_pair(seed, h, w, NUM_LABELS_J) for seed, h, w in METRIC_PAIRS_J]
+    arrays = {f"random__{k}": v for k, v in torch_metrics(pairs, NUM_LABELS_J).items()}
+    path = IMAGES_DIR / ADE_ANNOTATION
+    with Image.open(path) as img:
+        if img.mode != "L":
+            raise SystemExit(f"{path} is mode {img.mode}, expected L (ADEChallengeData2016 annotation)")
+        annotation = np.asarray(img)
+    pred = perturbed_ade_prediction(annotation, SEED_J_ADE)
+    arrays.update({f"ade__{k}": v for k, v in torch_metrics([(pred, annotation)], 150, 255, True).items()})
+    meta = {
+        "case": "j",
+        "random": {"pairs": [list(p) for p in METRIC_PAIRS_J], "num_labels": NUM_LABELS_J, "ignore_index": 255,
+                   "made_by": "random_segmentation_pair", "input_sha256": array_digest(*[a for p in pairs for a in p])},
+        "ade": {"annotation": f"../shared/images/{ADE_ANNOTATION}",
+                "annotation_sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "seed": SEED_J_ADE,
+                "num_labels": 150, "reduce_zero_label": True, "made_by": "perturbed_ade_prediction",
+                "prediction_sha256": array_digest(pred)},
+        "reference": "mmseg intersect_and_union (torch.histc areas) summed over the set; IoU = I / U, acc = I / "
+                     "label area, means by torch.nanmean, pixel accuracy = sum I / sum label area (float64)",
+    }
+    save("j_metrics", arrays, meta)
+
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
-         "i": case_i_expected_slice}
+         "i": case_i_expected_slice, "j": case_j_metrics}
 
 
 def main(argv):

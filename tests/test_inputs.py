@@ -166,3 +166,14 @@ def test_exif_orientation_of_a_photo_file_is_applied(tmp_path):
     plain = load_image(Image.open(tmp_path / "turned.jpg"))  # a PIL image is taken as given
     assert plain.shape == (10, 20, 3)
     np.testing.assert_array_equal(loaded, np.rot90(plain, k=-1))
+
+
+def test_concurrent_callers_on_threads_get_the_same_answers(model):
+    """The kernels run one parallel region at a time; callers on several Python threads must queue, not crash."""
+    from concurrent.futures import ThreadPoolExecutor
+    x = rng.standard_normal((1, 3, 64, 64)).astype(np.float32)
+    expected = model(x).logits
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: model(x).logits, range(8)))
+    for r in results:
+        np.testing.assert_array_equal(r, expected)

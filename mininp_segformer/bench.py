@@ -1,0 +1,291 @@
+"""Benchmark: mininp_segformer beside PyTorch (transformers) and ONNX Runtime, same checkpoint, same input.
+
+    python -m mininp_segformer.bench                         # B0 at 512 x 512, random weights
+    python -m mininp_segformer.bench --variant b2 --runs 10
+    python -m mininp_segformer.bench --model path/to/checkpoint --threads 2
+
+Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
+between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
+thread pools compete. Reported: the median of the timed forward passes (pixel_values -> logits), each ratio to
+mininp_segformer, the model's GFLOP/s at that speed, and each worker's peak RSS. Then, unless --quick: the peak
+RSS of a fresh process that loads the model and runs one predict() on a 512 x 512 image, per framework, and the
+cold start of mininp_segformer (a second process, numba cache warm: import + load + first predict()).
+
+torch, transformers and onnxruntime are optional (`pip install ".[bench]"`); a framework that is not installed is
+left out of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FRAMEWORKS = ("mininp_segformer", "onnxruntime", "torch")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _setup(framework: str, model_dir: str, onnx_path: str | None, threads: int):
+    """Load `framework`'s model in this process; returns (version, forward(pixel_values) -> logits)."""
+    if framework == "mininp_segformer":
+        import mininp_segformer as ms
+
+        ms.set_num_threads(threads)
+        model = ms.load(model_dir)
+        return ms.__version__, lambda x: model(x).logits
+    if framework == "torch":
+        import torch
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        torch.set_num_threads(threads)
+        model = transformers.AutoModelForSemanticSegmentation.from_pretrained(model_dir).eval()
+
+        def forward(x):
+            with torch.inference_mode():
+                return model(torch.from_numpy(x)).logits.numpy()
+
+        return f"torch {torch.__version__}, transformers {transformers.__version__}", forward
+    if framework == "onnxruntime":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        return ort.__version__, lambda x: session.run(None, {"pixel_values": x})[0]
+    raise ValueError(framework)
+
+
+def _worker(framework, model_dir, onnx_path, threads, x, warmup, conn):
+    """Load, warm up, then answer "run" with one timed forward pass and "stop" with the peak RSS."""
+    try:
+        version, forward = _setup(framework, model_dir, onnx_path, threads)
+        for _ in range(warmup):
+            logits = forward(x)
+        conn.send(("ready", version, logits[0, :2, :2, :2].tolist()))
+        while conn.recv() == "run":
+            t = time.perf_counter()
+            forward(x)
+            conn.send(time.perf_counter() - t)
+        conn.send(_peak_rss_mb())
+    except Exception as e:  # report, don't hang the coordinator
+        conn.send(("error", f"{type(e).__name__}: {e}", None))
+
+
+def available(framework: str) -> bool:
+    import importlib.util
+
+    needs = {"mininp_segformer": [], "torch": ["torch", "transformers"], "onnxruntime": ["onnxruntime"]}[framework]
+    return all(importlib.util.find_spec(m) is not None for m in needs)
+
+
+def export_onnx(model_dir: str, size: tuple[int, int], out: Path) -> Path:
+    """Export the transformers model to ONNX in a subprocess (needs torch + transformers + onnx)."""
+    code = f"""
+import torch, transformers
+m = transformers.AutoModelForSemanticSegmentation.from_pretrained({model_dir!r}).eval()
+x = torch.zeros(1, m.config.num_channels, {size[0]}, {size[1]})
+torch.onnx.export(m, (x,), {str(out)!r}, input_names=["pixel_values"], output_names=["logits"], opset_version=17,
+                  dynamic_axes={{"pixel_values": {{0: "batch", 2: "height", 3: "width"}}}}, dynamo=False)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return out
+
+
+def time_frameworks(frameworks, model_dir, onnx_path, threads, x, runs, warmup):
+    """Alternate timed runs between one worker process per framework. Returns {framework: result dict}."""
+    ctx = mp.get_context("spawn")
+    workers = {}
+    for fw in frameworks:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_worker, args=(fw, model_dir, onnx_path, threads, x, warmup, child), daemon=True)
+        proc.start()
+        workers[fw] = (proc, parent)
+    results = {}
+    for fw, (proc, conn) in list(workers.items()):
+        status, version, head = conn.recv()
+        if status == "error":
+            print(f"  {fw}: left out ({version})", file=sys.stderr)
+            proc.join()
+            del workers[fw]
+            continue
+        results[fw] = {"version": version, "times": [], "logits_head": head}
+    for _ in range(runs):
+        for fw, (_, conn) in workers.items():
+            time.sleep(0.05)  # let the previous framework's spinning threads go idle
+            conn.send("run")
+            results[fw]["times"].append(conn.recv())
+    for fw, (proc, conn) in workers.items():
+        conn.send("stop")
+        results[fw]["peak_rss_mb"] = conn.recv()
+        proc.join()
+        results[fw]["median_s"] = statistics.median(results[fw]["times"])
+    return results
+
+
+_PREDICT_SNIPPETS = {
+    "mininp_segformer": """
+import mininp_segformer as ms
+ms.set_num_threads({threads})
+model = ms.load({model_dir!r})
+seg = ms.predict(img, model)
+""",
+    "torch": """
+import torch, transformers
+transformers.utils.logging.disable_progress_bar()
+import mininp_segformer as ms  # only its NumPy preprocessing, identical to HF's processor
+torch.set_num_threads({threads})
+model = transformers.AutoModelForSemanticSegmentation.from_pretrained({model_dir!r}).eval()
+with torch.inference_mode():
+    logits = model(torch.from_numpy(ms.preprocess(img))).logits
+    seg = torch.nn.functional.interpolate(logits, size=img.shape[:2], mode="bilinear").argmax(1)[0].numpy()
+""",
+    "onnxruntime": """
+import onnxruntime as ort
+import mininp_segformer as ms
+from mininp_segformer.preprocessing import postprocess
+o = ort.SessionOptions(); o.intra_op_num_threads = {threads}
+session = ort.InferenceSession({onnx_path!r}, o, providers=["CPUExecutionProvider"])
+seg = postprocess(session.run(None, {{"pixel_values": ms.preprocess(img)}})[0], [img.shape[:2]])[0]
+""",
+}
+
+
+def predict_process(framework, model_dir, onnx_path, threads) -> dict:
+    """A fresh process that imports, loads and runs one predict() on a 512 x 512 image: seconds and peak RSS."""
+    code = (
+        "import resource, time, json\nt0 = time.perf_counter()\nimport numpy as np\n"
+        "img = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)\n"
+        + _PREDICT_SNIPPETS[framework].format(model_dir=model_dir, onnx_path=onnx_path, threads=threads)
+        + "print(json.dumps({'seconds': time.perf_counter() - t0, "
+        "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def prepare_model(args, tmp: Path) -> tuple[str, object]:
+    """The checkpoint directory to benchmark and its config: --model, or random weights for --variant."""
+    from .config import SegformerConfig, variant_config
+    from .weights import random_state_dict, save_checkpoint
+
+    if args.model:
+        from .hub import resolve
+
+        directory = resolve(args.model)
+        return str(directory), SegformerConfig.from_json(directory / "config.json")
+    config = variant_config(args.variant, num_labels=args.num_labels)
+    directory = save_checkpoint(tmp / f"random-{args.variant}", config, random_state_dict(config, seed=0))
+    return str(directory), config
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mininp_segformer.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="checkpoint directory or Hub name (default: random weights of --variant)")
+    p.add_argument("--variant", default="b0", choices=["b0", "b1", "b2", "b3", "b4", "b5"])
+    p.add_argument("--num-labels", type=int, default=150)
+    p.add_argument("--size", type=int, nargs=2, default=(512, 512), metavar=("H", "W"))
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for every framework (default: all)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per framework (default 10)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
+    p.add_argument("--quick", action="store_true", help="only the timed runs: no predict() memory, no cold start")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+
+    from .flops import count_macs
+
+    frameworks = [fw for fw in args.frameworks if available(fw)]
+    skipped = sorted(set(args.frameworks) - set(frameworks))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir, config = prepare_model(args, tmp)
+        onnx_path = None
+        if "onnxruntime" in frameworks:
+            if available("torch"):
+                onnx_path = str(export_onnx(model_dir, args.size, tmp / "model.onnx"))
+            else:
+                frameworks.remove("onnxruntime")
+                skipped.append("onnxruntime (exporting the model needs torch)")
+        h, w = args.size
+        x = np.random.default_rng(0).standard_normal((1, config.num_channels, h, w)).astype(np.float32)
+        macs = {d: sum(count_macs(config, h, w, decoder=d).values()) for d in ("literal", "fused")}
+        results = time_frameworks(frameworks, model_dir, onnx_path, args.threads, x, args.runs, args.warmup)
+        if not args.quick:
+            for fw in results:
+                results[fw]["predict_process"] = predict_process(fw, model_dir, onnx_path, args.threads)
+            if "mininp_segformer" in results:
+                predict_process("mininp_segformer", model_dir, None, args.threads)  # warms the numba cache
+                results["mininp_segformer"]["cold_start"] = predict_process(
+                    "mininp_segformer", model_dir, None, args.threads)
+
+    report = {"machine": machine(), "variant": args.model or args.variant, "size": [h, w], "threads": args.threads,
+              "runs": args.runs, "warmup": args.warmup, "gmac_literal": macs["literal"] / 1e9,
+              "gmac_fused": macs["fused"] / 1e9, "results": results, "skipped": skipped}
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+
+
+def format_report(r: dict) -> str:
+    gflop = 2 * r["gmac_literal"]
+    lines = [
+        f"{r['variant']} at {r['size'][0]} x {r['size'][1]}, batch 1, {r['threads']} threads; {r['machine']}",
+        f"model: {r['gmac_literal']:.2f} GMAC = {gflop:.1f} GFLOP as written; mininp_segformer's fused decoder "
+        f"computes {r['gmac_fused']:.2f} GMAC",
+        f"{r['runs']} timed runs each after {r['warmup']} warm-up, alternating between the frameworks",
+        "",
+        f"{'framework':<18}{'median ms':>10}{'ratio':>8}{'GFLOP/s':>9}{'peak RSS':>10}  version",
+    ]
+    res = r["results"]
+    ours = res.get("mininp_segformer", {}).get("median_s")
+    for fw, v in res.items():
+        ratio = f"{ours / v['median_s']:.2f}x" if ours and fw != "mininp_segformer" else ""
+        lines.append(f"{fw:<18}{v['median_s'] * 1e3:>10.1f}{ratio:>8}{gflop / v['median_s']:>9.1f}"
+                     f"{v['peak_rss_mb']:>8.0f} MB  {v['version']}")
+    if ours:
+        lines.append("(ratio = mininp_segformer's median / the framework's: below 1 means mininp_segformer is faster)")
+    preds = {fw: v["predict_process"] for fw, v in res.items() if "predict_process" in v}
+    if preds:
+        lines += ["", "one predict() on a 512 x 512 image in a fresh process (import + load + run):"]
+        for fw, pr in preds.items():
+            lines.append(f"  {fw:<18}" + (f"peak RSS {pr['peak_rss_mb']:.0f} MB, {pr['seconds']:.2f} s"
+                                          if "error" not in pr else pr["error"]))
+    cold = res.get("mininp_segformer", {}).get("cold_start")
+    if cold and "error" not in cold:
+        lines.append(f"  cold start of mininp_segformer, numba cache warm: {cold['seconds']:.2f} s")
+    if r["skipped"]:
+        lines.append(f"not installed, left out: {', '.join(r['skipped'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

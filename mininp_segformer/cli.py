@@ -1,0 +1,511 @@
+"""The `mininp-segformer` command (also `python -m mininp_segformer`).
+
+    mininp-segformer predict photo.jpg photos/ --out seg/ --overlay      # label-map PNGs (+ overlays) per image
+    mininp-segformer predict drone.jpg --mode slide --crop 512 --stride 512
+    mininp-segformer models                                               # known checkpoints; cached, bundled
+    mininp-segformer download nvidia/segformer-b0-finetuned-ade-512-512
+    mininp-segformer info nvidia/segformer-b0-finetuned-ade-512-512 --size 512 512
+    mininp-segformer evaluate seg/ annotations/ --num-labels 150 --reduce-labels
+    mininp-segformer bench ...                                            # mininp_segformer.bench, if installed
+
+Exit codes: 0 success; 1 a runtime failure (also when some of many images failed -- the others' outputs are
+kept); 2 a usage error. Errors go to stderr as one line each; `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from .hub import _is_terminal
+
+PROG = "mininp-segformer"
+DEMO_MODEL = "segformer-b0-shapes"
+
+
+class UsageError(Exception):
+    """Options that do not fit together: exit status 2."""
+
+
+class CommandError(Exception):
+    """A runtime failure with a message meant for the user: exit status 1."""
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as a single line: its message with newlines folded (unexpected kinds keep their type name)."""
+    from .batch import one_line as fold
+
+    return fold(error, expected=(ValueError, OSError, UsageError, CommandError))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# predict
+
+
+def expand_inputs(inputs, recursive: bool, exclude: Path | None = None):
+    """Paths and directories -> ([(path, output stem)], number of non-image files skipped in directories).
+
+    A directory contributes its image files (by suffix, hidden files left out; with `recursive` also those below,
+    their sub-directories mirrored in the stems); files inside `exclude` (the output directory) are skipped. A
+    path given by name is always tried, whatever its suffix.
+    """
+    from .batch import IMAGE_SUFFIXES
+
+    items, skipped = [], 0
+    for arg in inputs:
+        path = Path(arg)
+        if not path.is_dir():
+            items.append((path, path.stem))
+            continue
+        found = sorted(path.rglob("*") if recursive else path.iterdir())
+        for f in found:
+            if not f.is_file() or (exclude is not None and exclude in f.resolve().parents):
+                continue
+            if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."):
+                items.append((f, f.relative_to(path).with_suffix("").as_posix()))
+            else:
+                skipped += 1
+    return items, skipped
+
+
+def _check_outputs(items, out_dir: Path, overlay_format):
+    """Usage errors for two inputs writing the same output, or an output that would overwrite an input."""
+    from .batch import output_paths
+
+    seen, inputs = {}, {p.resolve() for p, _ in items}
+    for path, stem in items:
+        for out in output_paths(stem, out_dir, overlay_format).values():
+            key = out.resolve()
+            if key in seen:
+                raise UsageError(f"{seen[key]} and {path} would both be written to {out}; segment them into "
+                                 "different --out directories")
+            if key in inputs:
+                raise UsageError(f"the output {out} would overwrite the input image {path}; choose another --out")
+            seen[key] = path
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create the output directory and prove that a file can be written there (runtime error otherwise)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write to the output directory {out_dir}: {e.strerror or e}") from None
+
+
+def _segment_options(args) -> dict:
+    options = {"mode": args.mode, "resize": args.resize, "tta": args.tta, "flip": not args.no_flip}
+    if args.mode == "slide":
+        options.update(crop=args.crop, stride=args.stride)
+    if args.scales is not None:
+        options["scales"] = args.scales
+    return options
+
+
+def _check_predict_args(args) -> None:
+    """Usage errors that need no model: options that do not fit together."""
+    from .viz import palette_for
+
+    if args.mode == "whole" and (args.crop is not None or args.stride is not None):
+        raise UsageError("--crop and --stride apply to --mode slide")
+    if args.scales is not None and not args.tta:
+        raise UsageError("--scales applies with --tta")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if args.palette is not None:
+        args.palette = int(args.palette) if args.palette.isdigit() else args.palette
+        try:
+            palette_for(args.palette)
+        except (ValueError, TypeError) as e:
+            raise UsageError(str(e)) from None
+
+
+def _check_model_args(args, model) -> None:
+    """Usage errors that depend on the model: its head, the crop it can take, the palette's length."""
+    from .inference import slide_geometry
+    from .viz import as_palette
+    from .weights import SEMANTIC
+
+    if model.head != SEMANTIC:
+        raise UsageError(f"predict needs a semantic-segmentation checkpoint; {args.model} is {model.head}")
+    try:
+        if args.mode == "slide":
+            slide_geometry(model, args.crop, args.stride)
+        if args.palette is not None:
+            as_palette(args.palette, model.config.num_labels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _worker_init(threads: int) -> None:
+    from . import set_num_threads
+
+    set_num_threads(threads)
+
+
+class _Progress:
+    """A progress bar on a terminal (redrawn in place), plain lines elsewhere (logs, pipes)."""
+
+    def __init__(self, total: int, stream, quiet: bool):
+        self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet
+        self.live = not quiet and _is_terminal(stream)
+        self.last_draw = 0.0
+
+    def _draw(self, note: str = "") -> None:
+        width = 24
+        bar = "#" * int(width * self.done / max(self.total, 1))
+        self.stream.write(f"\r[{bar:<{width}}] {self.done}/{self.total} images {note}".ljust(79)[:120])
+        self.stream.flush()
+
+    def windows(self, done: int, total: int) -> None:
+        """Progress within the current image (sliding windows, TTA runs), redrawn at most ten times a second."""
+        if self.live and time.monotonic() - self.last_draw >= 0.1:
+            self._draw(f"(current image: {done}/{total} network runs)")
+            self.last_draw = time.monotonic()
+
+    def finished(self, result: dict) -> None:
+        self.done += 1
+        if "error" in result:
+            self.message(f"{PROG}: {result['image']}: {result['error']}")
+            if result.get("traceback"):
+                self.message(result["traceback"].rstrip())
+        elif self.live:
+            self._draw()
+        elif not self.quiet:
+            self.message(f"[{self.done}/{self.total}] {result['image']} -> {result['label_map']} "
+                         f"({result['seconds']:.1f} s)")
+
+    def message(self, line: str) -> None:
+        if self.live:
+            self.stream.write("\r" + " " * 79 + "\r")
+        self.stream.write(line + "\n")
+        if self.live:
+            self._draw()
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_all(items, args, model, directory, options, progress: _Progress) -> list[dict]:
+    """Segment every item, in this process (--jobs 1) or in a pool of processes each loading the model once."""
+    from .batch import segment_file_or_error
+
+    common = dict(out_dir=Path(args.out), overlay_format=args.overlay_format if args.overlay else None,
+                  alpha=args.alpha, palette=args.palette, revision=args.revision, debug=args.debug, **options)
+    jobs = args.jobs or os.cpu_count() or 1
+    if jobs == 1 or len(items) == 1:
+        results = []
+        for path, stem in items:
+            results.append(segment_file_or_error(path, model=model, stem=stem, progress=progress.windows, **common))
+            progress.finished(results[-1])
+        return results
+    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    context = multiprocessing.get_context("spawn")  # numba's threads and fork do not mix
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(items)), mp_context=context,
+                                                initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(segment_file_or_error, path, model=os.fspath(directory), stem=stem, **common): path
+                   for path, stem in items}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    result = future.result()
+                except concurrent.futures.process.BrokenProcessPool:
+                    result = {"image": os.fspath(futures[future]),
+                              "error": "a worker process died (out of memory?); try fewer --jobs"}
+                results.append(result)
+                progress.finished(result)
+        except KeyboardInterrupt:
+            pool.shutdown(wait=False, cancel_futures=True)  # drop what has not started; the workers got ^C too
+            raise
+    return results
+
+
+def cmd_predict(args) -> int:
+    from . import set_num_threads
+    from .hub import resolve
+    from .model import load
+
+    _check_predict_args(args)
+    out_dir = Path(args.out)
+    overlay_format = args.overlay_format if args.overlay else None
+    items, skipped = expand_inputs(args.inputs, args.recursive, exclude=out_dir.resolve())
+    if not items:
+        raise CommandError(f"no image files found in {', '.join(args.inputs)}"
+                           + (f" ({skipped} other files skipped)" if skipped else ""))
+    _check_outputs(items, out_dir, overlay_format)
+    if args.threads:
+        set_num_threads(args.threads)
+    try:
+        directory = resolve(args.model, revision=args.revision)  # the workers of --jobs load this directory
+        model = load(directory)
+    except (ValueError, OSError) as e:
+        hint = f" (the bundled demo model works offline: --model {DEMO_MODEL})" if args.model_is_default else ""
+        raise CommandError(one_line(e) + hint) from None
+    _check_model_args(args, model)
+    _prepare_out_dir(out_dir)
+    progress = _Progress(len(items), sys.stderr, args.quiet)
+    if skipped and not args.quiet:
+        progress.message(f"{PROG}: skipped {skipped} non-image file(s) in the input directories")
+    try:
+        results = _run_all(items, args, model, directory, _segment_options(args), progress)
+    finally:
+        progress.close()
+    failed = [r for r in results if "error" in r]
+    if not args.quiet:
+        print(f"{PROG}: segmented {len(results) - len(failed)} of {len(results)} image(s) into {out_dir}"
+              + (f"; {len(failed)} failed (see above)" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models, download, info, evaluate, bench
+
+
+def cmd_models(args) -> int:
+    from .hub import KNOWN_CHECKPOINTS, bundled_models, cached_models
+
+    cached = {}
+    for c in cached_models():
+        cached.setdefault(c.name, []).append(f"{c.revision}{'' if c.complete else ' (incomplete)'}")
+    bundled = set(bundled_models())
+    rows = [("NAME", "TASK", "LABELS", "INPUT", "STATUS")]
+    for name, info in KNOWN_CHECKPOINTS.items():
+        status = "bundled" if name in bundled else ("cached: " + ", ".join(cached[name]) if name in cached else "-")
+        if info["bundled"] and name not in bundled:
+            status = "not in this installation"
+        size = "x".join(map(str, info["input_size"])) if info["input_size"] else "-"
+        rows.append((name, info["task"], str(info["num_labels"] or "-"), size, status))
+    for name in sorted(set(cached) - set(KNOWN_CHECKPOINTS)):
+        rows.append((name, "?", "?", "?", "cached: " + ", ".join(cached[name])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .hub import resolve
+
+    print(resolve(args.name, revision=args.revision))
+    return 0
+
+
+def count_parameters(tree) -> int:
+    """Parameters in a model's tensor tree (BatchNorm running statistics are buffers, not counted)."""
+    if isinstance(tree, dict):
+        return sum(count_parameters(v) for k, v in tree.items() if k not in ("running_mean", "running_var"))
+    if isinstance(tree, list):
+        return sum(count_parameters(v) for v in tree)
+    return int(tree.size)
+
+
+def _describe_model(name: str, revision: str):
+    """(config, head, image size, parameter count, source) of a checkpoint or of a variant name b0..b5."""
+    import math
+
+    from .config import VARIANTS, variant_config
+    from .weights import SEMANTIC, expected_shapes
+
+    if name.lower() in VARIANTS:
+        config = variant_config(name.lower())
+        params = sum(math.prod(s) for k, s in expected_shapes(config, SEMANTIC).items()
+                     if not k.endswith(("running_mean", "running_var")))
+        return config, SEMANTIC, (512, 512), params, f"MiT-{name.upper()} variant (150 generic labels, no weights)"
+    from .model import load
+
+    model = load(name, revision=revision)
+    return model.config, model.head, model.image_size, count_parameters(model.params), str(name)
+
+
+def cmd_info(args) -> int:
+    from .flops import count_macs, summarize
+    from .weights import SEMANTIC
+
+    config, head, image_size, params, source = _describe_model(args.name, args.revision)
+    h, w = args.size or image_size
+    labels = [config.id2label[i].strip() for i in range(min(config.num_labels, 8))]
+    more = f", ... ({config.num_labels} in all)" if config.num_labels > 8 else ""
+    lines = [
+        f"model:        {source}",
+        f"head:         {head}",
+        f"encoder:      hidden sizes {list(config.hidden_sizes)}, depths {list(config.depths)}, heads "
+        f"{list(config.num_attention_heads)}, sr ratios {list(config.sr_ratios)}",
+        f"decoder:      hidden size {config.decoder_hidden_size}",
+        f"labels:       {', '.join(labels)}{more}",
+        f"input size:   {image_size[0]} x {image_size[1]}",
+        f"parameters:   {params:,}",
+    ]
+    decoders = ("fused", "literal") if head == SEMANTIC else (None,)
+    for decoder in decoders:
+        macs = count_macs(config, h, w, decoder=decoder)
+        s = summarize(macs)
+        label = f"{decoder} decoder" if decoder else "encoder only"
+        lines.append(f"MACs at {h} x {w} ({label}): {s['total'] / 1e9:.3f} G (encoder {s['encoder'] / 1e9:.3f} G, "
+                     f"decoder {s['decoder'] / 1e9:.3f} G)")
+        lines += [f"    {part:<32} {n / 1e9:8.3f} G" for part, n in macs.items()]
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .batch import IMAGE_SUFFIXES
+    from .metrics import evaluate
+    from .viz import dataset_palettes
+
+    preds = {p.stem: p for p in sorted(Path(args.predictions).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    labels = {p.stem: p for p in sorted(Path(args.labels).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    common = sorted(set(preds) & set(labels))
+    if not common:
+        raise CommandError(f"no prediction in {args.predictions} has a label map of the same name in {args.labels}")
+    missing = sorted(set(labels) - set(preds))
+    if missing:
+        print(f"{PROG}: {len(missing)} label map(s) have no prediction, e.g. {missing[0]}; scoring the "
+              f"{len(common)} pairs", file=sys.stderr)
+    scores = evaluate((preds[k] for k in common), (labels[k] for k in common), args.num_labels,
+                      ignore_index=args.ignore_index, reduce_labels=args.reduce_labels)
+    names = next((d["id2label"] for d in dataset_palettes().values() if d["num_labels"] == args.num_labels), {})
+    print(f"images: {len(common)}\nmean IoU: {scores['mean_iou']:.4f}\npixel accuracy: "
+          f"{scores['pixel_accuracy']:.4f}\nmean accuracy: {scores['mean_accuracy']:.4f}")
+    for i, (iou, acc) in enumerate(zip(scores["per_class_iou"], scores["per_class_accuracy"])):
+        if iou == iou:  # not NaN: the class occurs somewhere
+            print(f"  {i:>3} {names.get(str(i), '').strip():<20} IoU {iou:.4f}  acc {acc:.4f}")
+    if args.json:
+        data = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in scores.items()}
+        Path(args.json).write_text(json.dumps(data, indent=1, allow_nan=True) + "\n", encoding="utf-8")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        if getattr(e, "name", None) != f"{__package__}.bench":
+            raise
+        raise CommandError("the benchmark (mininp_segformer/bench.py) is not part of this installation") from None
+    return int(bench.main(args.args) or 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The parser
+
+
+def _positive(convert):
+    """An argparse type: `convert` (int or float) of the text, which must be > 0."""
+    what, bound = ("a whole number", "at least 1") if convert is int else ("a number", "positive")
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .inference import MODES, RESIZE_MODES, TTA_SCALES
+    from .model import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("predict", help="segment images; write palette PNG label maps (and overlays)",
+                       description="Segment images and write one palette PNG label map per image (the image's "
+                                   "size; pixel values are class ids), optionally a blended overlay.")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR")
+    p.add_argument("--model", default=None,
+                   help=f"a checkpoint directory, bundled model or Hub name (default {DEFAULT_MODEL}, downloaded "
+                        f"once; the bundled offline demo: {DEMO_MODEL})")
+    p.add_argument("--revision", default="main", help="Hub revision (branch, tag or commit)")
+    p.add_argument("--out", default="segmentations", help="output directory (default ./segmentations)")
+    p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg, the classes over the photo")
+    p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg")
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (0..1, default 0.5)")
+    p.add_argument("--palette", default=None, help="ade20k or cityscapes (default: by the model's number of labels)")
+    p.add_argument("--mode", choices=MODES, default="whole", help="whole image at once, or sliding windows")
+    p.add_argument("--crop", type=_positive(int), default=None, help="slide window size (default: the model's input)")
+    p.add_argument("--stride", type=_positive(int), default=None, help="slide step (default: 2/3 of the crop)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=None,
+                   help="hf: stretch to the model's input (default for whole); mmseg: keep the aspect ratio within "
+                        "(2048, input), sides a multiple of 32; none: the image's own size (default for slide)")
+    p.add_argument("--tta", action="store_true", help="average over scales and horizontal flips")
+    p.add_argument("--scales", type=_positive(float), nargs="+", default=None,
+                   help=f"TTA scale ratios (default {' '.join(map(str, TTA_SCALES))})")
+    p.add_argument("--no-flip", action="store_true", help="TTA without the mirrored images")
+    p.add_argument("--threads", type=_positive(int), default=None, help="threads per process (numba and BLAS)")
+    p.add_argument("--jobs", type=int, default=1, help="processes (default 1; 0: one per core)")
+    p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("models", help="list the known checkpoints and which are cached or bundled")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("download", help="download a Hub checkpoint into the cache; print its directory")
+    p.add_argument("name")
+    p.add_argument("--revision", default="main")
+    p.set_defaults(func=cmd_download)
+
+    p = sub.add_parser("info", help="config summary, parameter count and MACs of a checkpoint (or b0..b5)")
+    p.add_argument("name", metavar="DIR|NAME")
+    p.add_argument("--revision", default="main")
+    p.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"), default=None,
+                   help="input size for the MAC count (default: the model's input size)")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("evaluate", help="mean IoU of predicted label maps against annotations (matched by name)")
+    p.add_argument("predictions", metavar="PRED_DIR")
+    p.add_argument("labels", metavar="LABEL_DIR")
+    p.add_argument("--num-labels", type=_positive(int), required=True)
+    p.add_argument("--ignore-index", type=int, default=255)
+    p.add_argument("--reduce-labels", action="store_true", help="ADE20K annotations: 0 = ignore, v -> v - 1")
+    p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.bench; its options follow)")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 runtime failure, 2 usage error)."""
+    from .model import DEFAULT_MODEL
+
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((i for i, a in enumerate(argv) if a != "--debug"), len(argv))
+    if argv[first:first + 1] == ["bench"]:  # everything after "bench" is the benchmark's, options included
+        args = argparse.Namespace(command="bench", func=cmd_bench, args=argv[first + 1 :], debug="--debug" in argv)
+    else:
+        args = parser.parse_args(argv)  # exits with status 2 on a usage error
+    if args.command == "predict":
+        args.model_is_default = args.model is None
+        args.model = args.model or DEFAULT_MODEL
+    try:
+        return args.func(args)
+    except UsageError as e:
+        parser.exit(2, f"{PROG}: error: {e}\n")
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {one_line(e)}", file=sys.stderr)
+        return 1

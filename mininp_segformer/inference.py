@@ -1,0 +1,367 @@
+"""Segmenting real photos: whole-image or sliding-window inference, HF's or mmseg's resizing, test-time augmentation,
+with memory bounded by the window and not by the photo.
+
+    seg = segment("drone.jpg", model, mode="slide", crop=512, stride=512)   # (H, W) int64 class ids, any size
+    seg = segment("room.jpg", model, resize="mmseg", tta=True)              # SegFormer's multi-scale + flip test
+
+Resizing (`resize`) decides the resolution the network sees (the "working" size):
+    "hf"     stretch to the checkpoint's input size (`model.image_size`, 512 x 512 for ADE), as HF's processor and
+             `predict` do; the logits are resized once, straight to the photo's size. Default for mode "whole".
+    "mmseg"  keep the aspect ratio within (2048, short side of model.image_size) -- mmseg's Resize(scale=(2048, 512),
+             keep_ratio=True) for ADE -- then round both sides up to a multiple of 32 by resizing (SegFormer's
+             AlignedResize, its own evaluation pipeline). The logits are resized to the network input, then to the
+             photo (mmseg's encode_decode + rescale).
+    "none"   the photo's own resolution. Default for mode "slide": a 6000 x 4000 drone photo is segmented at full
+             detail, window by window.
+
+Modes: "whole" runs the network once on the working image. "slide" is mmseg's `slide_inference`: crop x crop windows
+every `stride` pixels, h_grids = max(H - crop + stride - 1, 0) // stride + 1 (the same across), each window clamped
+to the image's far edge (y1 = max(y2 - crop, 0)); every window's logits are resized to the window's size, summed
+where windows overlap and divided by the count of windows at each pixel.
+
+Test-time augmentation (mmseg's `aug_test`): the working size is scaled by each ratio of `scales` (default: the
+paper's 0.5, 0.75, 1.0, 1.25, 1.5, 1.75) and, with `flip`, each scale is also run on the mirrored image; the softmax
+probabilities, resized to the photo's size and mirrored back, are averaged before the argmax.
+
+Memory: nothing of size classes x photo is ever held. Scores flow top to bottom as bands of rows ("band streams":
+iterators of channels-last `(rows, W, C)` blocks, so that the argmax and the softmax run over contiguous classes).
+A slide keeps the low-resolution logits of the windows whose rows are not yet finished -- at most
+ceil(crop / stride) rows of windows -- and finishes output rows as soon as no later window touches them; resizing
+and the argmax work band by band as well (`resize_bands`, `argmax_bands`). With TTA every augmentation keeps its
+own rows of windows and its own resized copy of the photo.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from .flops import attention_bytes
+from .layers import _bilinear_taps, resize_bilinear, softmax
+from .preprocessing import MMSEG_LONG_SIDE, load_image, mmseg_size, normalize, rescale_size, resize_image
+from .weights import SEMANTIC
+
+MODES = ("whole", "slide")
+RESIZE_MODES = ("hf", "mmseg", "none")
+TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug_test ratios, as in SegFormer's ADE evaluation
+BAND_ROWS = 32  # output rows finished at a time: (32, W, C) float32 blocks
+WHOLE_ATTENTION_LIMIT = 8 * 2**30  # attention scores + softmax a whole-image run may hold (B0 at 1024 x 2048: 2.1 GB)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sizes
+
+
+def default_mmseg_scale(model_size) -> tuple[int, int]:
+    """mmseg's test `scale` (long, short) for a model trained on `model_size` crops: (2048, 512) for the 512 x 512
+    ADE checkpoints, (2048, 640) for B5-640, (2048, 1024) for the 1024 x 1024 Cityscapes ones."""
+    return max(MMSEG_LONG_SIDE, max(model_size)), min(model_size)
+
+
+def working_size(image_size, resize: str, model_size, ratio: float = 1.0, mmseg_scale=None) -> tuple[int, int]:
+    """The `(h, w)` the network sees for an `image_size = (H, W)` photo (see the module doc for `resize`).
+
+    `ratio` scales the target as mmseg's MultiScaleFlipAug does: "hf" -> int(side * ratio) of the model size;
+    "mmseg" -> the scale (int(long * ratio), int(short * ratio)), then the keep-ratio rescale and the 32-alignment;
+    "none" -> the photo rescaled within (int(W * ratio), int(H * ratio)).
+    """
+    h, w = image_size
+    if resize == "hf":
+        return max(1, int(model_size[0] * ratio)), max(1, int(model_size[1] * ratio))
+    if resize == "mmseg":
+        long, short = mmseg_scale or default_mmseg_scale(model_size)
+        return mmseg_size((h, w), (int(long * ratio), int(short * ratio)))
+    if resize == "none":
+        return (h, w) if ratio == 1.0 else rescale_size((h, w), (int(w * ratio), int(h * ratio)))
+    raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+
+
+def window_spans(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
+    """mmseg's sliding-window grid along one axis: `max(size - crop + stride - 1, 0) // stride + 1` windows, the
+    i-th spanning [max(min(i * stride + crop, size) - crop, 0), min(i * stride + crop, size)).
+
+    So the last window is pushed back to end at the edge, and a crop larger than `size` gives one window: all of it.
+    """
+    n = max(size - crop + stride - 1, 0) // stride + 1
+    spans = []
+    for i in range(n):
+        end = min(i * stride + crop, size)
+        spans.append((max(end - crop, 0), end))
+    return spans
+
+
+def _coverage(spans, size: int) -> np.ndarray:
+    """How many of the windows `spans` cover each pixel along one axis: `(size,)` float32."""
+    count = np.zeros(size, dtype=np.float32)
+    for a, b in spans:
+        count[a:b] += 1
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Band streams: an (H, W, C) map as consecutive (rows, W, C) blocks, top to bottom
+
+
+@functools.lru_cache(maxsize=64)
+def _taps(size_in: int, size_out: int):
+    return _bilinear_taps(size_in, size_out)
+
+
+def resized_rows(x, size, start: int, stop: int, in_h: int | None = None, offset: int = 0) -> np.ndarray:
+    """Rows `start:stop` of `resize_bilinear(full, size)`, computed from the rows of `full` that they need.
+
+    `x: (r, w, C)` holds rows `offset .. offset + r` of an `(in_h, w, C)` map `full` (default: all of it). Same
+    numbers, bit for bit, as resizing the whole map (width first, then the same two-tap sum along the height).
+    """
+    in_h = x.shape[0] if in_h is None else in_h
+    out_h, out_w = size
+    if in_h == out_h:
+        return resize_bilinear(x[start - offset : stop - offset], (stop - start, out_w), axes=(0, 1))
+    i0, i1, t, one_minus_t = (a[start:stop] for a in _taps(in_h, out_h))
+    lo, hi = int(i0[0]), int(i1[-1]) + 1  # the taps rise with the row, so these bound the rows needed
+    wide = resize_bilinear(x[lo - offset : hi - offset], (hi - lo, out_w), axes=(0, 1))  # along the width only
+    return wide[i0 - lo] * one_minus_t[:, None, None] + wide[i1 - lo] * t[:, None, None]
+
+
+def resize_bands(bands, in_h: int, size, band_rows: int = BAND_ROWS):
+    """Resize a band stream of an `(in_h, w, C)` map to `size = (H, W)` lazily; yields `(<= band_rows, W, C)` blocks
+    of exactly `band_rows` rows (the last one shorter), whatever the blocks coming in. Keeps only the input rows
+    the next output band needs."""
+    out_h = size[0]
+    taps = None if in_h == out_h else _taps(in_h, out_h)
+    source = iter(bands)
+    buf, offset = None, 0  # buf: input rows offset .. offset + len(buf); None: nothing held, next block at offset
+    for start in range(0, out_h, band_rows):
+        stop = min(start + band_rows, out_h)
+        lo, hi = (start, stop) if taps is None else (int(taps[0][start]), int(taps[1][stop - 1]) + 1)
+        buf, offset = _drop_rows_above(buf, offset, lo)
+        while buf is None or offset + len(buf) < hi:
+            block = next(source)
+            buf = block if buf is None else np.concatenate([buf, block])
+            buf, offset = _drop_rows_above(buf, offset, lo)
+        yield resized_rows(buf, size, start, stop, in_h, offset)
+
+
+def _drop_rows_above(buf, offset: int, row: int):
+    """Keep the rows >= `row` of `buf` (which holds rows offset ..); returns (buf or None, its first row)."""
+    if buf is None or row <= offset:
+        return buf, offset
+    if row >= offset + len(buf):
+        return None, offset + len(buf)
+    return buf[row - offset :], row
+
+
+def argmax_bands(bands, size) -> np.ndarray:
+    """The class map `(H, W)` int64 of a band stream of scores at size (H, W): argmax over classes, band by band."""
+    seg = np.empty(size, dtype=np.int64)
+    row = 0
+    for block in bands:
+        seg[row : row + block.shape[0]] = block.argmax(axis=-1)
+        row += block.shape[0]
+    if row != size[0]:
+        raise RuntimeError(f"the score stream ended after {row} of {size[0]} rows")
+    return seg
+
+
+def probability_sum_bands(streams):
+    """TTA's merge, as a band stream: per band, the sum of the softmax probabilities of `streams`, a list of (band
+    stream, mirrored?), each mirrored back first (the sum has the mean's argmax). All streams must yield the same
+    bands, as `resize_bands` to one size does."""
+    for blocks in zip(*(bands for bands, _ in streams)):
+        total = None
+        for block, (_, mirrored) in zip(blocks, streams):
+            p = softmax(block[:, ::-1] if mirrored else block, axis=-1)
+            total = p if total is None else total + p
+        yield total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The network on an image or a window
+
+
+def image_logits(model, rgb) -> np.ndarray:
+    """`(h, w, 3)` uint8 (any view) -> the model's logits, channels-last `(h', w', C)` (h' = h / 4 for the MiT
+    configs)."""
+    return np.ascontiguousarray(model(normalize(rgb)[None]).logits[0].transpose(1, 2, 0))
+
+
+def whole_bands(model, rgb, resize: str, size, band_rows: int = BAND_ROWS):
+    """Whole-image inference on the working image `rgb`, as a band stream at the photo's `size`.
+
+    "hf": the logits are resized once, to `size` (HF's post_process). "mmseg"/"none": first to the network input's
+    size, then to `size` (mmseg's encode_decode, then its rescale).
+    """
+    logits = image_logits(model, rgb)
+    if resize == "hf":
+        return resize_bands([logits], logits.shape[0], size, band_rows)
+    at_input = resize_bands([logits], logits.shape[0], rgb.shape[:2], band_rows)
+    return resize_bands(at_input, rgb.shape[0], size, band_rows)
+
+
+def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=None):
+    """mmseg's slide_inference on `rgb: (H, W, 3)` as a band stream of the averaged logits `(rows, W, C)`.
+
+    `crop`, `stride`: (height, width). Windows are run a row of windows at a time; their logits stay at the
+    network's output resolution until the output rows they cover are finished. `on_window()` is called after
+    each window (progress).
+    """
+    h, w = rgb.shape[:2]
+    rows = window_spans(h, crop[0], stride[0])
+    cols = window_spans(w, crop[1], stride[1])
+    count_y, count_x = _coverage(rows, h), _coverage(cols, w)
+    active, done = [], 0  # active: (y0, y1, x0, x1, logits) of windows that reach below row `done`
+    for k, (y0, y1) in enumerate(rows):
+        for x0, x1 in cols:
+            active.append((y0, y1, x0, x1, image_logits(model, rgb[y0:y1, x0:x1])))
+            if on_window is not None:
+                on_window()
+        finished = rows[k + 1][0] if k + 1 < len(rows) else h  # no later window starts above this row
+        for start in range(done, finished, band_rows):
+            stop = min(start + band_rows, finished)
+            average = _window_average(active, start, stop, w)
+            count = count_y[start:stop, None] * count_x
+            if count.max() > 1:  # x / 1 is x: windows that do not overlap need no division
+                average /= count[:, :, None]
+            yield average
+        done = finished
+        active = [a for a in active if a[1] > done]
+
+
+def _window_average(active, start: int, stop: int, width: int) -> np.ndarray:
+    """Rows start:stop of the sum over windows of their logits resized to the window (mmseg's `preds`)."""
+    acc = None
+    for y0, y1, x0, x1, logits in active:
+        lo, hi = max(start, y0), min(stop, y1)
+        if lo >= hi:
+            continue
+        if acc is None:
+            acc = np.zeros((stop - start, width, logits.shape[-1]), dtype=np.float32)
+        acc[lo - start : hi - start, x0:x1] += resized_rows(logits, (y1 - y0, x1 - x0), lo - y0, hi - y0)
+    return acc
+
+
+def slide_logits(model, image, crop=None, stride=None) -> np.ndarray:
+    """mmseg's slide_inference at the image's own resolution: the window-averaged logits `(C, H, W)` float32.
+
+    Holds the whole (C, H, W) array: for large photos use `segment(..., mode="slide")`, which never does.
+    """
+    rgb = load_image(image)
+    crop, stride = slide_geometry(model, crop, stride)
+    return np.concatenate(list(slide_bands(model, rgb, crop, stride))).transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking the options
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        h, w = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer or a (height, width) pair, got {value!r}") from None
+    return h, w
+
+
+def slide_geometry(model, crop=None, stride=None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(crop, stride) as (height, width) pairs. Defaults: the model's input size, and 2/3 of the crop (mmseg's
+    SegFormer-B5-640 setting, 640 / 426)."""
+    crop = _pair(model.image_size if crop is None else crop, "crop")
+    stride = tuple(max(1, c * 2 // 3) for c in crop) if stride is None else _pair(stride, "stride")
+    if min(crop) < model.min_size:
+        raise ValueError(f"crop {crop[0]} x {crop[1]} is smaller than the {model.min_size} x {model.min_size} "
+                         "pixels this model needs")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be at least 1 pixel, got {stride[0]} x {stride[1]}")
+    if stride[0] > crop[0] or stride[1] > crop[1]:
+        raise ValueError(f"stride {stride[0]} x {stride[1]} is larger than the crop {crop[0]} x {crop[1]}: windows "
+                         "would leave gaps. Use a stride <= the crop (equal: no overlap)")
+    return crop, stride
+
+
+def _check_options(model, mode, resize, tta, scales):
+    if getattr(model, "head", None) != SEMANTIC:
+        raise ValueError(f"segmenting needs a semantic-segmentation checkpoint; this one is "
+                         f"{getattr(model, 'head', type(model).__name__)}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    resize = ("hf" if mode == "whole" else "none") if resize is None else resize
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    ratios = (tuple(TTA_SCALES if scales is None else scales)) if tta else (1.0,)
+    if not ratios or any(not np.isfinite(r) or r <= 0 for r in ratios):
+        raise ValueError(f"TTA scales must be positive numbers, got {scales!r}")
+    return resize, ratios
+
+
+def _check_sizes(model, mode, ratios, sizes, base, crop) -> None:
+    """Errors for working images the network cannot take: below its minimum, a crop larger than the image, or
+    (whole mode) attention scores too large to hold."""
+    for r, s in zip(ratios, sizes):
+        if min(s) < model.min_size:
+            raise ValueError(f"at scale {r:g} the image would be {s[0]} x {s[1]}, smaller than the {model.min_size} "
+                             f"x {model.min_size} pixels this model needs; leave that scale out")
+        need = 2 * attention_bytes(model.config, *s)  # the scores and their softmax
+        if mode == "whole" and need > WHOLE_ATTENTION_LIMIT:
+            raise ValueError(f"whole-image inference at {s[0]} x {s[1]} would hold {need / 1e9:.0f} GB of attention "
+                             "scores; use mode 'slide' (windows of the model's input size) or resize 'hf' / 'mmseg'")
+    if mode == "slide" and (crop[0] > base[0] or crop[1] > base[1]):
+        raise ValueError(f"the crop {crop[0]} x {crop[1]} is larger than the image ({base[0]} x {base[1]} at the "
+                         "working resolution); use a smaller crop or mode 'whole'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def segment(image, model, mode: str = "whole", crop=None, stride=None, resize: str | None = None, tta: bool = False,
+            scales=None, flip: bool = True, mmseg_scale=None, band_rows: int = BAND_ROWS, progress=None) -> np.ndarray:
+    """Segment one photo (path, PIL image or `(H, W, 3)` uint8) -> `(H, W)` int64 class ids at its own size.
+
+    mode: "whole" or "slide"; crop / stride (slide): pixels, an int or (h, w), default the model's input size and
+    2/3 of it; resize: "hf" (default for whole), "mmseg" or "none" (default for slide), see the module doc;
+    tta: average over `scales` (default TTA_SCALES) x {as is, mirrored if `flip`}; mmseg_scale: (long, short) for
+    resize="mmseg" (default `default_mmseg_scale(model.image_size)`); progress: called as progress(done, total)
+    after every network run.
+
+    `segment(img, model)` gives exactly `predict(img, model)`.
+    """
+    resize, ratios = _check_options(model, mode, resize, tta, scales)
+    rgb = load_image(image)
+    size = rgb.shape[:2]
+    flips = (False, True) if tta and flip else (False,)
+    sizes = [working_size(size, resize, model.image_size, r, mmseg_scale) for r in ratios]
+    if mode == "slide":
+        crop, stride = slide_geometry(model, crop, stride)
+    _check_sizes(model, mode, ratios, sizes, working_size(size, resize, model.image_size, 1.0, mmseg_scale), crop)
+    runs = [len(window_spans(s[0], crop[0], stride[0])) * len(window_spans(s[1], crop[1], stride[1]))
+            if mode == "slide" else 1 for s in sizes] * len(flips)
+    counter = _run_counter(sum(runs), progress)
+    streams = []
+    for s in sizes:
+        scaled = resize_image(rgb, s)
+        for mirrored in flips:
+            img = scaled[:, ::-1] if mirrored else scaled  # a view: mmseg flips after resizing
+            if mode == "whole":
+                bands = whole_bands(model, img, resize, size, band_rows)
+                counter()
+            else:
+                bands = resize_bands(slide_bands(model, img, crop, stride, band_rows, counter), s[0], size, band_rows)
+            streams.append((bands, mirrored))
+    return argmax_bands(streams[0][0] if len(streams) == 1 else probability_sum_bands(streams), size)
+
+
+
+def _run_counter(total: int, progress):
+    """A function to call after every network run; it reports progress(done, total) if `progress` is given."""
+    done = 0
+
+    def count():
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    return count

@@ -1,0 +1,208 @@
+"""Pictures of segmentations: palettes, colour-coded label maps, overlays on the photo, and a legend.
+
+    from mininp_segformer import viz
+    palette = viz.palette_for(model.config.num_labels)   # ADE20K's for 150 labels, Cityscapes' for 19, else generated
+    viz.colorize(seg, palette).save("seg.png")           # a mode "P" PNG: the pixel values are the class ids
+    rgb = viz.overlay("photo.jpg", seg, alpha=0.5, palette=palette)   # (H, W, 3) uint8
+    viz.legend(seg, model.id2label, palette)             # [(id, name, share, colour), ...] largest share first
+
+The ADE20K and Cityscapes palettes and class names are in `data/palettes.json` (mmsegmentation's colours, copied
+with their sources named). Only NumPy and Pillow are needed; `plot_legend` imports matplotlib when called.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import functools
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from .metrics import check_label_map
+from .preprocessing import load_image
+
+PALETTES_JSON = Path(__file__).resolve().parent / "data" / "palettes.json"
+PALETTE_ALIASES = {"ade": "ade20k", "ade20k": "ade20k", "cityscapes": "cityscapes", "city": "cityscapes"}
+OVERLAY_BAND_ROWS = 512  # rows blended at a time, so a 6000 x 4000 overlay needs no float copy of the photo
+
+
+@functools.lru_cache(maxsize=1)
+def dataset_palettes() -> dict[str, dict]:
+    """{"ade20k": {...}, "cityscapes": {...}}: each with num_labels, id2label, palette_rgb and sources."""
+    return json.loads(PALETTES_JSON.read_text(encoding="utf-8"))["palettes"]
+
+
+def distinct_palette(n: int) -> np.ndarray:
+    """`(n, 3)` uint8 of n different colours, the same for every call: black for class 0 (usually "background"),
+    then hues a golden angle apart, cycling through three saturation/brightness levels, so that neighbouring class
+    ids get unlike colours."""
+    if n < 1:
+        raise ValueError(f"a palette needs at least one colour, got n={n}")
+    colours, seen, i = [(0, 0, 0)], {(0, 0, 0)}, 0
+    while len(colours) < n:
+        hue = (i * 0.618033988749895) % 1.0
+        sat, val = ((0.75, 0.95), (0.95, 0.70), (0.50, 0.85))[i % 3]
+        rgb = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, sat, val))
+        if rgb not in seen:  # quantization can repeat a colour once n is in the thousands
+            seen.add(rgb)
+            colours.append(rgb)
+        i += 1
+    return np.array(colours, dtype=np.uint8)
+
+
+def palette_for(labels) -> np.ndarray:
+    """The palette `(N, 3)` uint8 for a number of labels or a dataset name.
+
+    150 -> ADE20K's (mmseg), 19 -> Cityscapes', any other number -> `distinct_palette(n)`. Names: "ade20k" (or
+    "ade"), "cityscapes" (or "city"), case-insensitive.
+    """
+    if isinstance(labels, str):
+        key = PALETTE_ALIASES.get(labels.strip().lower())
+        if key is None:
+            raise ValueError(f"unknown palette {labels!r}: choose one of {sorted(set(PALETTE_ALIASES.values()))} "
+                             "or give a number of labels")
+        return np.array(dataset_palettes()[key]["palette_rgb"], dtype=np.uint8)
+    if isinstance(labels, bool) or not isinstance(labels, (int, np.integer)):
+        raise TypeError(f"palette_for takes a number of labels or a palette name, got {type(labels).__name__}")
+    for entry in dataset_palettes().values():
+        if entry["num_labels"] == labels:
+            return np.array(entry["palette_rgb"], dtype=np.uint8)
+    return distinct_palette(int(labels))
+
+
+def as_palette(palette, num_labels: int) -> np.ndarray:
+    """`palette` (None, a number of labels, a name, or an `(N, 3)` array of 0..255) -> `(N, 3)` uint8 with
+    N >= num_labels. None means `palette_for(num_labels)`."""
+    if palette is None:
+        return palette_for(max(int(num_labels), 1))
+    if isinstance(palette, (str, int, np.integer)):
+        palette = palette_for(palette)
+    p = np.asarray(palette)
+    if p.ndim != 2 or p.shape[1] != 3:
+        raise ValueError(f"a palette is an (N, 3) array of RGB colours; got shape {p.shape}")
+    if p.dtype.kind == "f" or p.min() < 0 or p.max() > 255:
+        raise ValueError("palette colours must be integers in 0..255")
+    if len(p) < num_labels:
+        raise ValueError(f"the label map has class ids up to {num_labels - 1} but the palette has only {len(p)} "
+                         "colours; pass the model's number of labels or a longer palette")
+    return p.astype(np.uint8)
+
+
+def _check_label_map(seg) -> np.ndarray:
+    seg = check_label_map(seg)
+    if seg.size and seg.min() < 0:
+        raise ValueError(f"a label map holds class ids >= 0; found {int(seg.min())}")
+    return seg
+
+
+def _num_ids(seg: np.ndarray) -> int:
+    return int(seg.max()) + 1 if seg.size else 1
+
+
+def colorize(seg, palette=None) -> Image.Image:
+    """`seg: (H, W)` class ids -> a PIL mode "P" image whose pixel values are the ids and whose palette colours them.
+
+    Saved as PNG it is both a picture and the exact label map (`np.asarray(Image.open(path))` gives the ids back).
+    At most 256 classes fit a palette image.
+    """
+    seg = _check_label_map(seg)
+    n = _num_ids(seg)
+    if n > 256:
+        raise ValueError(f"class id {n - 1} does not fit a palette image (ids 0..255); save such maps as 16-bit "
+                         "grayscale, e.g. Image.fromarray(seg.astype(np.uint16))")
+    p = as_palette(palette, n)[:256]
+    img = Image.fromarray(seg.astype(np.uint8, copy=False))  # mode "L"; putpalette makes it "P"
+    flat = np.zeros((256, 3), dtype=np.uint8)
+    flat[: len(p)] = p
+    img.putpalette(flat.reshape(-1).tolist())
+    return img
+
+
+def overlay(image, seg, alpha: float = 0.5, palette=None) -> np.ndarray:
+    """Blend the class colours over the photo: `(1 - alpha) * image + alpha * palette[seg]`, `(H, W, 3)` uint8.
+
+    `image`: a path, PIL image or `(H, W, 3)` array; `seg: (H, W)` must have the image's size.
+    """
+    rgb = load_image(image)
+    seg = _check_label_map(seg)
+    if seg.shape != rgb.shape[:2]:
+        raise ValueError(f"the label map is {seg.shape[0]} x {seg.shape[1]} but the image is {rgb.shape[0]} x "
+                         f"{rgb.shape[1]} (height x width); segment this image, or resize the map with "
+                         "nearest-neighbour first")
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    colours = as_palette(palette, _num_ids(seg)).astype(np.float32)
+    a = np.float32(alpha)
+    out = np.empty_like(rgb)
+    for start in range(0, rgb.shape[0], OVERLAY_BAND_ROWS):
+        rows = slice(start, start + OVERLAY_BAND_ROWS)
+        blend = (1 - a) * rgb[rows].astype(np.float32) + a * colours[seg[rows]]
+        out[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    return out
+
+
+class LegendEntry(NamedTuple):
+    id: int
+    name: str
+    share: float  # fraction of the map's pixels
+    color: tuple[int, int, int]
+
+
+def legend(seg, id2label: dict, palette=None) -> list[LegendEntry]:
+    """The classes present in `seg`, largest pixel share first: `LegendEntry(id, name, share, color)`.
+
+    Ids missing from `id2label` are named "class <id>". Ties are broken by id.
+    """
+    seg = _check_label_map(seg)
+    counts = np.bincount(seg.reshape(-1).astype(np.int64, copy=False), minlength=1)
+    colours = as_palette(palette, max(len(id2label), len(counts)))
+    total = max(seg.size, 1)
+    present = [i for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    return [LegendEntry(int(i), str(id2label.get(int(i), f"class {int(i)}")).strip(), float(counts[i] / total),
+                        tuple(int(c) for c in colours[i])) for i in present]
+
+
+def plot_legend(seg, id2label: dict, palette=None, max_entries: int = 20, ax=None):
+    """A matplotlib figure of `legend(...)`: one coloured bar per class, labelled with its name and share.
+
+    Needs matplotlib (`pip install matplotlib`, or the project's `notebooks` extra). Returns the Figure.
+    """
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("plot_legend needs matplotlib: pip install matplotlib (or mininp_segformer[notebooks]); "
+                          "legend() gives the same entries without it") from None
+    entries = legend(seg, id2label, palette)[:max_entries]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 0.35 * max(len(entries), 1) + 0.6))
+    else:
+        fig = ax.figure
+    ys = np.arange(len(entries))[::-1]
+    ax.barh(ys, [e.share * 100 for e in entries], color=[np.array(e.color) / 255 for e in entries],
+            edgecolor="black", linewidth=0.5)
+    ax.set_yticks(ys, [f"{e.name} ({e.share:.1%})" for e in entries])
+    ax.set_xlabel("share of pixels (%)")
+    ax.set_xlim(0, 100)
+    fig.tight_layout()
+    return fig
+
+
+def save_atomically(image: Image.Image, path, **save_kwargs) -> Path:
+    """Write a PIL image to `path` through a temporary file in the same directory and `os.replace`, so that
+    `path` holds either its old content or the complete new file, never a partial one. The format comes from
+    the suffix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        with open(tmp, "xb") as f:  # a new file with the usual permissions (umask), unlike mkstemp's 0600
+            image.save(f, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"), **save_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
