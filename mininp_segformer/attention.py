@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import conv2d, layer_norm, softmax  # numba twins of the functions in layers.py
+from .kernels import layer_norm, softmax  # numba twins of the functions in layers.py
 from .layers import linear
 
 
 def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int):
-    """`x: (B, N, C)` -> `(B, N / R^2, C)`: conv(kernel = stride = R, no padding) on the token map, then LayerNorm."""
+    """`x: (B, N, C)` -> `(B, N / R^2, C)`: conv(kernel = stride = R, no padding) on the token map, then LayerNorm.
+
+    A conv whose kernel equals its stride sees every pixel once: cut the map into R x R tiles (rows and columns past
+    the last whole tile are dropped, as torch's conv drops them), flatten each tile, and one matmul does the conv.
+    """
     b, n, c = x.shape
-    x = conv2d(x.reshape(b, height, width, c), p["sr"]["weight"], p["sr"]["bias"], stride=sr_ratio, padding=0)
-    return layer_norm(x.reshape(b, -1, c), p["layer_norm"]["weight"], p["layer_norm"]["bias"])
+    r = sr_ratio
+    h, w = height // r, width // r
+    tiles = x.reshape(b, height, width, c)[:, : h * r, : w * r]
+    tiles = tiles.reshape(b, h, r, w, r, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, r * r * c)
+    weight = p["sr"]["weight"].transpose(0, 2, 3, 1).reshape(c, r * r * c)  # (C_out, C_in, ky, kx) -> (ky, kx, C_in)
+    return layer_norm(linear(tiles, weight, p["sr"]["bias"]), p["layer_norm"]["weight"], p["layer_norm"]["bias"])
 
 
 def split_heads(x, num_heads: int):

@@ -181,6 +181,76 @@ def predict_process(framework, model_dir, onnx_path, threads) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+# What the profile attributes time to: (module, function) -> label. Times are exclusive: a function's own time
+# without the time of the other labelled functions it calls.
+_PROFILED = {
+    ("encoder", "conv2d"): "patch merging conv (im2col + matmul)",
+    ("attention", "spatial_reduction"): "spatial-reduction tiling (reshape)",
+    ("encoder", "layer_norm"): "LayerNorm",
+    ("attention", "layer_norm"): "LayerNorm",
+    ("attention", "linear"): "attention linears (q, k, v, out, reduction)",
+    ("attention", "softmax"): "attention softmax",
+    ("encoder", "efficient_self_attention"): "attention QK^T, AV and head reshapes",
+    ("encoder", "linear"): "Mix-FFN linears",
+    ("encoder", "depthwise_conv3x3_gelu"): "Mix-FFN depthwise conv + GELU",
+    ("encoder", "transformer_block"): "residual adds and reshapes",
+    ("decoder", "linear"): "decoder linears and classifier",
+    ("decoder", "add_resized"): "decoder upsample-and-add",
+    ("decoder", "fused_decode_head"): "decoder ReLU and glue",
+    ("model", "all_mlp_decode_head"): "literal decoder (whole)",
+}
+
+
+def profile(model, x, repeats: int = 3) -> list[tuple[str, float]]:
+    """The exclusive time of each labelled op in one forward pass (median of `repeats`), largest first."""
+    import importlib
+
+    totals: dict[str, list[float]] = {}
+    stack: list[float] = []  # time spent in labelled children of each open call
+    run: dict[str, float] = {}  # this pass's exclusive times
+
+    def timed(label, fn):
+        def wrapper(*args, **kwargs):
+            stack.append(0.0)
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            elapsed = time.perf_counter() - t
+            children = stack.pop()
+            run[label] = run.get(label, 0.0) + elapsed - children
+            if stack:
+                stack[-1] += elapsed
+            return out
+        return wrapper
+
+    originals = {}
+    for (mod_name, fn_name), label in _PROFILED.items():
+        mod = importlib.import_module(f"mininp_segformer.{mod_name}")
+        originals[(mod, fn_name)] = getattr(mod, fn_name)
+        setattr(mod, fn_name, timed(label, getattr(mod, fn_name)))
+    try:
+        model(x)  # warm-up
+        for _ in range(repeats):
+            run.clear()
+            t = time.perf_counter()
+            model(x)
+            run["other (model glue)"] = time.perf_counter() - t - sum(run.values())
+            for label, sec in run.items():
+                totals.setdefault(label, []).append(sec)
+    finally:
+        for (mod, fn_name), fn in originals.items():
+            setattr(mod, fn_name, fn)
+    return sorted(((label, statistics.median(v)) for label, v in totals.items()), key=lambda kv: -kv[1])
+
+
+def format_profile(rows, macs: dict[str, int], title: str) -> str:
+    total = sum(sec for _, sec in rows)
+    lines = [title, f"{'op':<44}{'ms':>8}{'share':>8}"]
+    lines += [f"{label:<44}{sec * 1e3:>8.1f}{100 * sec / total:>7.1f}%" for label, sec in rows]
+    lines.append(f"{'total':<44}{total * 1e3:>8.1f}   ({2 * sum(macs.values()) / total / 1e9:.0f} GFLOP/s on the "
+                 f"{2 * sum(macs.values()) / 1e9:.1f} GFLOP it computes)")
+    return "\n".join(lines)
+
+
 def prepare_model(args, tmp: Path) -> tuple[str, object]:
     """The checkpoint directory to benchmark and its config: --model, or random weights for --variant."""
     from .config import SegformerConfig, variant_config
@@ -208,9 +278,27 @@ def main(argv=None) -> int:
     p.add_argument("--frameworks", nargs="+", default=list(FRAMEWORKS), choices=FRAMEWORKS)
     p.add_argument("--quick", action="store_true", help="only the timed runs: no predict() memory, no cold start")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: where mininp_segformer's time goes, op by op (--decoder to pick the head)")
+    p.add_argument("--decoder", default="fused", choices=["fused", "literal"], help="with --profile")
     args = p.parse_args(argv)
 
     from .flops import count_macs
+
+    if args.profile:
+        from . import kernels, load
+
+        kernels.set_num_threads(args.threads)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, config = prepare_model(args, Path(tmp))
+            model = load(model_dir)
+        model.decoder = args.decoder
+        h, w = args.size
+        x = np.random.default_rng(0).standard_normal((1, config.num_channels, h, w)).astype(np.float32)
+        title = (f"{args.model or args.variant} at {h} x {w}, {args.threads} thread(s), {args.decoder} decoder; "
+                 f"{machine()}")
+        print(format_profile(profile(model, x), count_macs(config, h, w, decoder=args.decoder), title))
+        return 0
 
     frameworks = [fw for fw in args.frameworks if available(fw)]
     skipped = sorted(set(args.frameworks) - set(frameworks))

@@ -208,6 +208,28 @@ def _add_resized(out, x, i0, i1, th, j0, j1, tw):
 
 
 
+@njit(parallel=True, **_FLAGS)
+def _resized_argmax(x, i0, i1, th, j0, j1, tw):
+    """argmax over C of `x: (h, w, C)` bilinearly resized by the given taps, without the resized (H, W, C) stack."""
+    oh, ow, c = th.shape[0], tw.shape[0], x.shape[2]
+    seg = np.empty((oh, ow), np.int64)
+    for i in prange(oh):
+        a, bb = np.float32(1) - th[i], th[i]
+        r0, r1 = x[i0[i]], x[i1[i]]
+        v = np.empty(c, np.float32)
+        for j in range(ow):
+            wa, wb = np.float32(1) - tw[j], tw[j]
+            p, q = j0[j], j1[j]
+            for ch in range(c):
+                v[ch] = a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
+            best = 0
+            for ch in range(1, c):
+                if v[ch] > v[best]:  # strictly greater: ties go to the first class, as np.argmax and torch
+                    best = ch
+            seg[i, j] = best
+    return seg
+
+
 # ---- the public kernels: the signatures of their twins in layers.py ------------------------------------------------
 
 def _f32(x):
@@ -273,6 +295,17 @@ def add_resized(out, x):
     x = _f32(x)
     with _LOCK:
         return _add_resized(out, x, i0, i1, th, j0, j1, tw)
+
+
+def resized_argmax(logits, size):
+    """`logits: (C, h, w)` -> `(H, W)` int64 argmax of their bilinear resize to `size` (twin of
+    `preprocessing._resized_argmax`): HF's post-processing in one pass, with no (C, H, W) intermediate."""
+    (out_h, out_w), (_, h, w) = size, logits.shape
+    x = _f32(logits.transpose(1, 2, 0))  # channels-last, so the inner loop over classes is contiguous
+    i0, i1, th, _ = _bilinear_taps(h, out_h)
+    j0, j1, tw, _ = _bilinear_taps(w, out_w)
+    with _LOCK:
+        return _resized_argmax(x, i0, i1, th, j0, j1, tw)
 
 
 def set_num_threads(n: int | None = None) -> int:

@@ -27,6 +27,8 @@ DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
 class SegformerOutput:
     """What HF's SemanticSegmenterOutput / ImageClassifierOutput / BaseModelOutput hold, as NumPy arrays.
 
+    The maps are (B, C, H, W) views of channels-last memory (`np.ascontiguousarray` gives a packed copy).
+
     logits: `(B, num_labels, H/4, W/4)` (segmentation) or `(B, num_labels)` (classification); None for a backbone.
     last_hidden_state: the last stage, `(B, C_4, H/32, W/32)` (or `(B, N_4, C_4)` if not `reshape_last_stage`).
     hidden_states: the four stage maps `(B, C_i, H_i, W_i)`, if asked for.
@@ -119,23 +121,23 @@ class Segformer:
         x = self._check_pixel_values(pixel_values)
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
         stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config)
-        hidden_states = tuple(np.ascontiguousarray(f.transpose(0, 3, 1, 2)) for f in stages)  # back to (B, C, H, W)
-        last = hidden_states[-1]
+        # HF's layout: (B, C, H, W) maps; the last stage as (B, N, C) tokens when reshape_last_stage is off.
+        # Transposed views of our channels-last arrays: the same numbers, nothing copied.
+        hidden_states = tuple(f.transpose(0, 3, 1, 2) for f in stages)
         if not self.config.reshape_last_stage:
             b, h, w, c = stages[-1].shape
-            last = stages[-1].reshape(b, h * w, c)
-            hidden_states = hidden_states[:-1] + (last,)
+            hidden_states = hidden_states[:-1] + (stages[-1].reshape(b, h * w, c),)
         if self.head == SEMANTIC:
             if self.decoder == "fused":
                 logits = fused_decode_head(stages, self._folded)
             else:
                 logits = all_mlp_decode_head(stages, self.params["decode_head"])
             logits = logits.transpose(0, 3, 1, 2)
-            logits = np.ascontiguousarray(logits)
         elif self.head == CLASSIFICATION:
             logits = classification_head(stages[-1], self.params["classifier"])
         else:
             logits = None
+        last = hidden_states[-1]
         return SegformerOutput(
             logits=logits,
             last_hidden_state=last,

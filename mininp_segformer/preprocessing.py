@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import kernels
 from .layers import _bilinear_taps, resize_bilinear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -205,4 +206,5 @@ def postprocess(logits, target_sizes=None) -> list[np.ndarray]:
         return list(logits.argmax(axis=1))
     if len(target_sizes) != len(logits):
         raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits; pass one each")
-    return [_resized_argmax(lg, _as_size(size)) for lg, size in zip(logits, target_sizes)]
+    # kernels.resized_argmax: the numba twin of _resized_argmax above, one pass and no (C, H, W) intermediate
+    return [kernels.resized_argmax(lg, _as_size(size)) for lg, size in zip(logits, target_sizes)]

@@ -185,3 +185,14 @@ def test_spatial_reduction_shrinks_keys_by_r_squared():
 def test_min_input_size_is_set_by_stage_one_reduction():
     assert min_input_size(variant_config("b0")) == 29  # ceil(29 / 4) = 8 = stage 1's sr_ratio
     assert min_input_size(variant_config("b0", sr_ratios=(1, 1, 1, 1))) == 1
+
+
+@pytest.mark.parametrize("h,w,r", [(16, 24, 8), (17, 23, 4), (9, 9, 2), (8, 8, 8)])
+def test_spatial_reduction_reshape_is_the_strided_conv(h, w, r):
+    from mininp_segformer.attention import spatial_reduction
+    c = 6
+    x = randn(2, h * w, c)
+    p = {"sr": {"weight": randn(c, c, r, r), "bias": randn(c)}, "layer_norm": {"weight": randn(c), "bias": randn(c)}}
+    conv = conv2d_direct(x.reshape(2, h, w, c), p["sr"]["weight"], p["sr"]["bias"], stride=r, pad=0)
+    ref = layers.layer_norm(conv.reshape(2, -1, c).astype(np.float32), p["layer_norm"]["weight"], p["layer_norm"]["bias"])
+    np.testing.assert_allclose(spatial_reduction(x, h, w, p, r), ref, atol=2e-5)
