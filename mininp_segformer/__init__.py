@@ -7,12 +7,17 @@
 
 import os
 
-from .config import SegformerConfig, variant_config
-from .inference import segment
-from .kernels import set_num_threads
-from .model import Segformer, SegformerOutput, load, predict
-from .preprocessing import postprocess, preprocess
-from .weights import CheckpointError
+# OpenBLAS's threads spin for up to 2^28 cycles (~0.1 s) after each matrix product before they sleep, holding the
+# cores the numba kernels between the products need (B0 at 512 x 512 on 2 cores: 178 -> 128 ms with 2^4). OpenBLAS
+# reads this when NumPy loads it, so it only takes effect if NumPy was not imported first (see docs/performance.md).
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+from .config import SegformerConfig, variant_config  # noqa: E402
+from .inference import segment  # noqa: E402
+from .kernels import set_num_threads  # noqa: E402
+from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
+from .preprocessing import postprocess, preprocess  # noqa: E402
+from .weights import CheckpointError  # noqa: E402
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
            "preprocess", "postprocess", "segment", "CheckpointError", "set_num_threads"]

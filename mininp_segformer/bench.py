@@ -127,7 +127,9 @@ def time_frameworks(frameworks, model_dir, onnx_path, threads, x, runs, warmup):
         results[fw] = {"version": version, "times": [], "logits_head": head}
     for _ in range(runs):
         for fw, (_, conn) in workers.items():
-            time.sleep(0.05)  # let the previous framework's spinning threads go idle
+            # Let the previous framework's threads go idle first: ONNX Runtime's pool, torch's OpenMP and OpenBLAS
+            # all spin-wait for a while after a run, and would slow whichever framework runs next.
+            time.sleep(0.5)
             conn.send("run")
             results[fw]["times"].append(conn.recv())
     for fw, (proc, conn) in workers.items():

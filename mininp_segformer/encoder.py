@@ -38,11 +38,11 @@ def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ra
     return x, probs
 
 
-def mix_transformer(pixel_values, p: dict, config: SegformerConfig):
+def mix_transformer(pixel_values, p: dict, config: SegformerConfig, output_attentions: bool = False):
     """The MiT encoder on channels-last `pixel_values: (B, H, W, C)`.
 
     `p` is the checkpoint's `encoder` subtree. Returns (the four stage maps `(B, H_i, W_i, C_i)`, the attention
-    probabilities of every block in stage-major order).
+    probabilities of every block in stage-major order -- an empty list unless `output_attentions`).
     """
     x = pixel_values
     stages, attentions = [], []
@@ -52,7 +52,8 @@ def mix_transformer(pixel_values, p: dict, config: SegformerConfig):
         x = x.reshape(b, height * width, c)  # map -> tokens: the same memory
         for block in p["block"][s]:
             x, probs = transformer_block(x, height, width, block, config.num_attention_heads[s], config.sr_ratios[s])
-            attentions.append(probs)
+            if output_attentions:  # else let them go: at stage 1 of B0@512 each is 16 MB
+                attentions.append(probs)
         x = layer_norm(x, **p["layer_norm"][s]).reshape(b, height, width, c)
         stages.append(x)
     return stages, attentions

@@ -27,7 +27,8 @@ from .config import LAYER_NORM_EPS
 from .layers import _bilinear_taps, conv_output_size, linear
 
 # numba's threading layer. With its OpenMP layer, the threads keep spinning after each parallel loop and compete with
-# OpenBLAS's threads for the same cores (measured here: 3-8x slower on 2 cores); the workqueue layer lets them sleep.
+# OpenBLAS's threads for the same cores (B0 at 512 x 512, 2 cores: 184 vs 147 ms idle, 3-8x slower when another
+# process is busy); the workqueue layer lets them sleep.
 # workqueue runs one parallel region at a time per process, so the public kernels below take _LOCK: callers on
 # several Python threads queue instead of aborting. NUMBA_THREADING_LAYER, if set, is left to rule.
 if "NUMBA_THREADING_LAYER" not in os.environ:
@@ -153,19 +154,17 @@ def _depthwise_conv3x3(x, weight, bias, apply_gelu):
         n, i = bi // h, bi % h
         row = out[n, i]  # (W, C)
         for j in range(w):
-            row[j, :] = bias
+            for ch in range(c):
+                row[j, ch] = bias[ch]
         for ky in range(3):
             y = i + ky - 1
             if y < 0 or y >= h:
                 continue
-            src = x[n, y]
             for kx in range(3):
                 dx = kx - 1
-                tap = weight[ky, kx]
                 for j in range(max(0, -dx), min(w, w - dx)):
-                    s, d = src[j + dx], row[j]
-                    for ch in range(c):
-                        d[ch] += s[ch] * tap[ch]
+                    for ch in range(c):  # elements, not row views: a numba view costs an atomic refcount
+                        row[j, ch] += x[n, y, j + dx, ch] * weight[ky, kx, ch]
         if apply_gelu:
             flat = row.reshape(w * c)
             _gelu_into(flat, flat, np.empty(w * c, np.float32), np.empty(w * c, np.float32),
@@ -200,10 +199,9 @@ def _add_resized(out, x, i0, i1, th, j0, j1, tw):
         for j in range(ow):
             wa, wb = np.float32(1) - tw[j], tw[j]
             p, q = j0[j], j1[j]
-            dst = out[n, i, j]
             for ch in range(c):
                 # torch's order: along the width first, then the height
-                dst[ch] += a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
+                out[n, i, j, ch] += a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
     return out
 
 

@@ -120,7 +120,8 @@ class Segformer:
         """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes)."""
         x = self._check_pixel_values(pixel_values)
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
-        stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config)
+        stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config,
+                                             output_attentions)
         # HF's layout: (B, C, H, W) maps; the last stage as (B, N, C) tokens when reshape_last_stage is off.
         # Transposed views of our channels-last arrays: the same numbers, nothing copied.
         hidden_states = tuple(f.transpose(0, 3, 1, 2) for f in stages)

@@ -196,3 +196,30 @@ def test_spatial_reduction_reshape_is_the_strided_conv(h, w, r):
     conv = conv2d_direct(x.reshape(2, h, w, c), p["sr"]["weight"], p["sr"]["bias"], stride=r, pad=0)
     ref = layers.layer_norm(conv.reshape(2, -1, c).astype(np.float32), p["layer_norm"]["weight"], p["layer_norm"]["bias"])
     np.testing.assert_allclose(spatial_reduction(x, h, w, p, r), ref, atol=2e-5)
+
+
+
+def test_set_num_threads_sets_numba_and_blas_together():
+    import ctypes
+    import os
+
+    import numba
+
+    def blas_threads():
+        for path in kernels._loaded_libraries():
+            if "openblas" in os.path.basename(path).lower():
+                lib = ctypes.CDLL(path)
+                for symbol in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
+                               "openblas_get_num_threads"):
+                    if hasattr(lib, symbol):
+                        return getattr(lib, symbol)()
+        pytest.fail("NumPy's OpenBLAS was not found among the loaded libraries")
+
+    try:
+        assert kernels.set_num_threads(1) == 1
+        assert numba.get_num_threads() == 1 and blas_threads() == 1
+        n = kernels.set_num_threads()  # default: every core
+        assert n == min(os.cpu_count(), numba.config.NUMBA_NUM_THREADS)
+        assert numba.get_num_threads() == n and blas_threads() == n
+    finally:
+        kernels.set_num_threads()
