@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import layer_norm, softmax  # numba twins of the functions in layers.py
-from .layers import linear
+from .kernels import layer_norm, linear, softmax  # numba twins of the functions in layers.py
 
 
 def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
 from .config import BATCH_NORM_EPS
-from .kernels import add_resized
 from .layers import batch_norm, linear, relu, resize_bilinear
 
 
@@ -55,13 +55,16 @@ def fold_decode_head(p: dict) -> dict:
 
 
 def fused_decode_head(stages, folded: dict):
-    """`all_mlp_decode_head` computed through `fold_decode_head`'s weights: stage maps -> `(B, H_1, W_1, labels)`."""
+    """`all_mlp_decode_head` computed through `fold_decode_head`'s weights: stage maps -> `(B, H_1, W_1, labels)`.
+
+    The literal head above is plain NumPy (`layers`), for reading; this one runs on the numba kernels.
+    """
     b, h, w, _ = stages[0].shape
     fused = np.empty((b, h, w, folded["bias"].shape[0]), dtype=np.float32)
     fused[...] = folded["bias"]
     for f, a in zip(stages, folded["stage_weights"]):
-        add_resized(fused, linear(f, a))  # fused += resize_bilinear(F_i A_i^T, (H_1, W_1)), in one pass
-    return linear(relu(fused), **folded["classifier"])
+        kernels.add_resized(fused, kernels.linear(f, a))  # fused += resize_bilinear(F_i A_i^T, (H_1, W_1))
+    return kernels.linear(relu(fused), **folded["classifier"])
 
 
 def classification_head(last_stage, p: dict):

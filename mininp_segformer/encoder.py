@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from .attention import efficient_self_attention
 from .config import SegformerConfig
-from .kernels import conv2d, depthwise_conv3x3_gelu, layer_norm  # numba twins of layers.conv2d, ...
-from .layers import linear
+from .kernels import conv2d, depthwise_conv3x3_gelu, layer_norm, linear  # numba twins of layers.conv2d, ...
 
 
 def overlap_patch_merging(x, p: dict, patch_size: int, stride: int):

@@ -1,7 +1,7 @@
 """Where checkpoints come from: a local directory, the bundled demo model, or the Hugging Face Hub (cached).
 
     resolve("path/to/checkpoint")                        -> that directory, as it is
-    resolve("segformer-b0-shapes")                       -> <repo>/weights/segformer-b0-shapes (bundled demo)
+    resolve("segformer-b0-shapes")                       -> mininp_segformer/bundled/segformer-b0-shapes (demo)
     resolve("nvidia/segformer-b0-finetuned-ade-512-512") -> <cache>/nvidia--segformer-b0-finetuned-ade-512-512/main
 
 A Hub download fetches `config.json`, `preprocessor_config.json` (when the model has one) and `model.safetensors`

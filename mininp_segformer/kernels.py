@@ -24,7 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from .config import LAYER_NORM_EPS
-from .layers import _bilinear_taps, conv_output_size, linear
+from .layers import _bilinear_taps, conv_output_size
 
 # numba's threading layer. With its OpenMP layer, the threads keep spinning after each parallel loop and compete with
 # OpenBLAS's threads for the same cores (B0 at 512 x 512, 2 cores: 184 vs 147 ms idle, 3-8x slower when another
@@ -207,6 +207,16 @@ def _add_resized(out, x, i0, i1, th, j0, j1, tw):
 
 
 @njit(parallel=True, **_FLAGS)
+def _add_bias(y, bias):
+    """y[..., :] += bias, in place, rows in parallel."""
+    rows = y.reshape(-1, bias.shape[0])
+    for i in prange(rows.shape[0]):
+        for j in range(bias.shape[0]):
+            rows[i, j] += bias[j]
+    return y
+
+
+@njit(parallel=True, **_FLAGS)
 def _resized_argmax(x, i0, i1, th, j0, j1, tw):
     """argmax over C of `x: (h, w, C)` bilinearly resized by the given taps, without the resized (H, W, C) stack."""
     oh, ow, c = th.shape[0], tw.shape[0], x.shape[2]
@@ -267,6 +277,15 @@ def depthwise_conv3x3_gelu(x, weight, bias):
     return depthwise_conv3x3(x, weight, bias, apply_gelu=True)
 
 
+def linear(x, weight, bias=None):
+    """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to all cores."""
+    y = x @ weight.T
+    if bias is not None:
+        with _LOCK:
+            _add_bias(y, bias)
+    return y
+
+
 def im2col(x, kernel: int, stride: int, padding: int):
     """`x: (B, H, W, C)` -> `(B, H_out, W_out, k * k * C)` (twin of `layers.im2col`)."""
     h_out = conv_output_size(x.shape[1], kernel, stride, padding)
@@ -285,10 +304,7 @@ def conv2d(x, weight, bias, stride: int, padding: int):
 def add_resized(out, x):
     """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps, in one pass; returns out."""
     (_, oh, ow, _), (_, h, w, _) = out.shape, x.shape
-    if (h, w) == (oh, ow):
-        out += x
-        return out
-    i0, i1, th, _ = _bilinear_taps(h, oh)
+    i0, i1, th, _ = _bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
     j0, j1, tw, _ = _bilinear_taps(w, ow)
     x = _f32(x)
     with _LOCK:

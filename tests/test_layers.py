@@ -109,7 +109,7 @@ def test_layer_norm_and_softmax_kernels_equal_their_twins(shape):
     np.testing.assert_allclose(kernels.softmax(big.copy()), layers.softmax(big.astype(np.float64)), atol=1e-7)
 
 
-@pytest.mark.parametrize("src,dst", [((1, 1), (5, 4)), ((4, 6), (4, 6)), ((3, 5), (7, 13)), ((16, 9), (5, 4))])
+@pytest.mark.parametrize("src,dst", [((1, 1), (5, 4)), ((4, 6), (4, 6)), ((3, 5), (7, 13)), ((16, 9), (5, 4)), ((1, 1), (1, 1))])
 def test_add_resized_kernel_equals_resize_then_add(src, dst):
     x, base = randn(2, *src, 6), randn(2, *dst, 6)
     ref = base + layers.resize_bilinear(x, dst, axes=(1, 2))
@@ -223,3 +223,9 @@ def test_set_num_threads_sets_numba_and_blas_together():
         assert numba.get_num_threads() == n and blas_threads() == n
     finally:
         kernels.set_num_threads()
+
+
+def test_linear_kernel_equals_its_twin():
+    x, w, b = randn(2, 37, 19), randn(23, 19), randn(23)
+    np.testing.assert_array_equal(kernels.linear(x, w, b), layers.linear(x, w, b))
+    np.testing.assert_array_equal(kernels.linear(x, w), layers.linear(x, w))
