@@ -84,7 +84,7 @@ def _known_checkpoints() -> dict[str, dict]:
             "image-classification", "ImageNet-1k", 1000, (224, 224), NVIDIA_LICENCE)
     table["segformer-b0-shapes"] = _entry(
         "the project's demo model: SegFormer-B0 trained on synthetic shapes, bundled in weights/, works offline",
-        "semantic-segmentation", "synthetic shapes", None, None, PROJECT_LICENCE, bundled=True)
+        "semantic-segmentation", "synthetic shapes", 6, (128, 128), PROJECT_LICENCE, bundled=True)
     return table
 
 

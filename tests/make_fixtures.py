@@ -586,9 +586,37 @@ def case_j_metrics():
     save("j_metrics", arrays, meta)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# k. The trained demo model (weights/segformer-b0-shapes) on a held-out scene: a real model, not random weights
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_K_SCENE = 7  # one of scenes.HELD_OUT_SEEDS, never used in training
+
+
+def case_k_demo_model():
+    """The bundled demo model on held-out scene 7: HF processor -> model -> post-processing, all outputs."""
+    from mininp_segformer.scenes import make_scene
+
+    directory = ROOT / "weights" / "segformer-b0-shapes"
+    model = SegformerForSemanticSegmentation.from_pretrained(directory, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()  # fp16 on disk, upcast
+    size = tuple(json.loads((directory / "preprocessor_config.json").read_text())["size"].values())
+    image, _ = make_scene(SEED_K_SCENE, size=size)
+    proc = SegformerImageProcessorPil.from_pretrained(directory)
+    x = proc(images=image, return_tensors="np")["pixel_values"].astype(np.float32)
+    out = run(model, x)
+    seg = proc.post_process_semantic_segmentation(out, target_sizes=[image.shape[:2]])[0]
+    arrays = outputs_of(out)
+    arrays.update(logits=np32(out.logits), pixel_values=x, segmentation=label_map(seg, model.config.num_labels))
+    meta = {"case": "k", "model": "weights/segformer-b0-shapes",
+            "model_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
+            "scene_seed": SEED_K_SCENE, "size": list(size), "num_attentions": len(out.attentions)}
+    save("k_demo_model_scene7", arrays, meta)
+
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
-         "i": case_i_expected_slice, "j": case_j_metrics}
+         "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model}
 
 
 def main(argv):

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (FIXTURES_DIR, PHOTOS, array_digest, assert_close, assert_maps_match, bilinear_at,
+from tests.conftest import (FIXTURES_DIR, PHOTOS, REPO_ROOT, array_digest, assert_close, assert_maps_match, bilinear_at,
                             build_model, check_input_digest, load_fixture, random_logits, random_pixel_values,
                             smooth_image, weights_for)
 
@@ -311,3 +311,30 @@ def test_parity_tests_never_import_torch_or_transformers():
 
     leaked = [m for m in ("torch", "transformers") if m in sys.modules]
     assert not leaked, f"{leaked} got imported during the tests; the tests must only read tests/fixtures/"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# k. The trained demo model (weights/segformer-b0-shapes) on held-out scene 7
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_demo_model_against_transformers():
+    """A trained model rather than random weights: preprocessing, every hidden state and attention, logits, map."""
+    import hashlib
+
+    import mininp_segformer as ms
+    from mininp_segformer.scenes import make_scene
+
+    ref, meta = load_fixture("k_demo_model_scene7")
+    directory = REPO_ROOT / meta["model"]
+    digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == meta["model_sha256"], "the demo model changed: regenerate with `python tests/make_fixtures.py k`"
+    model = ms.load(directory)
+    image, _ = make_scene(meta["scene_seed"], size=tuple(meta["size"]))
+    x = ms.preprocess(image, size=model.image_size)
+    assert_close("demo pixel_values", x, ref["pixel_values"], atol=PREPROCESS_ATOL)
+    out = model(x, output_hidden_states=True, output_attentions=True)
+    n = _model_outputs("demo model scene 7", out, ref, meta)
+    assert n == 4 + meta["num_attentions"] + 1, f"compared {n} tensors"
+    seg = ms.postprocess(out.logits, target_sizes=[image.shape[:2]])[0]
+    assert_maps_match("demo model scene 7 map", seg, ref["segmentation"],
+                      scores=lambda ys, xs: bilinear_at(out.logits[0], image.shape[:2], ys, xs), tie_atol=TIE_ATOL)
