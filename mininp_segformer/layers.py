@@ -37,7 +37,8 @@ _erf = np.vectorize(math.erf, otypes=[np.float64])
 def gelu(x):
     """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)): the exact form torch's nn.GELU() uses, not the tanh one.
 
-    This is the readable reference (math.erf element by element: slow); the model runs it inside `kernels.depthwise_conv3x3_gelu` (and `kernels.gelu` is the twin).
+    The readable reference (math.erf element by element: slow). The model runs the numba twin, fused into
+    `kernels.depthwise_conv3x3_gelu`; `kernels.gelu` is the stand-alone twin.
     """
     return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))).astype(np.float32)
 
