@@ -258,10 +258,8 @@ def case_a_photos():
             if tag == "coco":
                 arrays.update({f"hidden_state_{i}": h for i, h in enumerate(hs)})
                 arrays["logits"] = logits
-                n_last = config.depths[-1]
-                first = sum(config.depths[:-1])
-                for j in range(first, first + n_last):
-                    arrays[f"attention_{j}"] = np32(out.attentions[j])
+                last = sum(config.depths) - 1  # the last layer's attention only (2 MB each; size budget)
+                arrays[f"attention_{last}"] = np32(out.attentions[last])
             else:
                 arrays["logits_sub4"] = np.ascontiguousarray(logits[..., ::4, ::4])
                 arrays["hidden_state_3"] = hs[-1]
@@ -614,9 +612,98 @@ def case_k_demo_model():
     save("k_demo_model_scene7", arrays, meta)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# l. The demo model taken apart, for the notebooks: each component's torch output on a small scene
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_L_SCENE = 7
+SIZE_L = (64, 64)  # small on purpose: stage 1 has 16 x 16 tokens, so every intermediate stays a few tens of KB
+SIZE_L_UNSEEN = (96, 176)  # a resolution (and aspect ratio) the demo model never saw in training
+
+
+def case_l_components():
+    """The demo model's intermediates (patch merging, attention, Mix-FFN, decoder) via forward hooks; GELU; resize."""
+    from mininp_segformer.scenes import make_scene
+
+    directory = ROOT / "weights" / "segformer-b0-shapes"
+    model = SegformerForSemanticSegmentation.from_pretrained(directory, attn_implementation="eager",
+                                                             dtype=torch.float32).eval()
+    # transformers 5 module names (the Hub checkpoint keys are the old ones; see weights.to_transformers5_name)
+    stage, head = model.segformer.stages[0], model.decode_head
+    block = stage.blocks[0]  # stage 1, layer 1
+    reduction = block.attention.sequence_reduction
+    taps = {  # fixture key -> module whose output is recorded (first element if it returns a tuple)
+        "patch_embed_0_proj": stage.patch_embeddings.proj,                 # the 7x7 stride-4 conv
+        "patch_embed_0": stage.patch_embeddings,                           # after its LayerNorm
+        "block_0_0_layer_norm_1": block.layernorm_before,
+        "block_0_0_sr": reduction.sequence_reduction,                      # the spatial-reduction conv
+        "block_0_0_sr_layer_norm": reduction.layer_norm,
+        "block_0_0_attention": block.attention,                            # after the output projection
+        "block_0_0_layer_norm_2": block.layernorm_after,
+        "block_0_0_dense1": block.mlp.fc1,
+        "block_0_0_dwconv": block.mlp.dwconv,                              # the 3x3 depthwise conv
+        "block_0_0_mlp": block.mlp,                                        # Mix-FFN output
+        "block_0_0": block,                                                # the whole layer
+        **{f"decode_linear_c_{i}": head.linear_projections[i] for i in range(4)},  # per-stage MLP
+        "decode_fuse": head.linear_fuse,                                   # 1x1 fuse conv
+        "decode_batch_norm": head.batch_norm,
+    }
+    recorded = {}
+
+    def hook(name):
+        def record(module, inputs, output):
+            recorded[name] = np32(output[0] if isinstance(output, tuple) else output)
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in taps.items()]
+    proc = SegformerImageProcessorPil.from_pretrained(directory, size={"height": SIZE_L[0], "width": SIZE_L[1]})
+    image, labels = make_scene(SEED_L_SCENE, size=SIZE_L)
+    x = proc(images=image, return_tensors="np")["pixel_values"].astype(np.float32)
+    out = run(model, x)
+    for h in handles:
+        h.remove()
+    missing = sorted(set(taps) - set(recorded))
+    if missing:
+        raise SystemExit(f"hooks did not fire for {missing}")
+    log("  " + ", ".join(f"{k} {v.shape}" for k, v in recorded.items()))
+    arrays = dict(recorded, pixel_values=x, logits=np32(out.logits), attention_0=np32(out.attentions[0]),
+                  **{f"hidden_state_{i}": np32(h) for i, h in enumerate(out.hidden_states)})
+
+    # the same model at a size it never trained on: only the map and the stride-4 logits
+    proc_unseen = SegformerImageProcessorPil.from_pretrained(
+        directory, size={"height": SIZE_L_UNSEEN[0], "width": SIZE_L_UNSEEN[1]})
+    image_u, _ = make_scene(SEED_L_SCENE, size=SIZE_L_UNSEEN)
+    xu = proc_unseen(images=image_u, return_tensors="np")["pixel_values"].astype(np.float32)
+    out_u = run(model, xu)
+    seg_u = proc_unseen.post_process_semantic_segmentation(out_u, target_sizes=[SIZE_L_UNSEEN])[0]
+    arrays.update(unseen_logits=np32(out_u.logits), unseen_segmentation=label_map(seg_u, model.config.num_labels))
+
+    # GELU on a grid: exact (erf) as SegFormer uses, and the tanh approximation for comparison
+    grid = np.linspace(-5.0, 5.0, 2001, dtype=np.float32)
+    t = torch.from_numpy(grid)
+    arrays.update(gelu_x=grid, gelu_erf=np32(torch.nn.functional.gelu(t)),
+                  gelu_tanh=np32(torch.nn.functional.gelu(t, approximate="tanh")))
+
+    # align_corners on a tiny worked example: a 2 x 3 image to 4 x 6, both conventions
+    tiny = torch.arange(6, dtype=torch.float32).reshape(1, 1, 2, 3)
+    for flag in (False, True):
+        arrays[f"resize_tiny_align_corners_{str(flag).lower()}"] = np32(
+            torch.nn.functional.interpolate(tiny, size=(4, 6), mode="bilinear", align_corners=flag))
+    arrays["resize_tiny_input"] = np32(tiny)
+
+    meta = {"case": "l", "model": "weights/segformer-b0-shapes",
+            "model_sha256": hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest(),
+            "scene_seed": SEED_L_SCENE, "size": list(SIZE_L), "unseen_size": list(SIZE_L_UNSEEN),
+            "taps": {k: f"{type(m).__name__}" for k, m in taps.items()},
+            "note": "block_0_0_* are stage 1, layer 1; decode_linear_c_i is the decoder MLP of stage i (before "
+                    "upsampling); outputs of modules returning tuples are their first element"}
+    save("l_demo_model_components", arrays, meta)
+
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
-         "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model}
+         "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model,
+         "l": case_l_components}
 
 
 def main(argv):
