@@ -35,11 +35,37 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
 
-_FLAGS = dict(cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})  # allow SIMD reductions and FMAs
+# fastmath "contract" lets LLVM fuse a * b + c into one FMA. The other fastmath flags are left off on purpose:
+# with "reassoc" the compiler may reorder sums and polynomials as it likes, and numba 0.68 reordered them differently
+# in the process that compiled a kernel and in later ones that load it from the disk cache (1 ulp apart; measured
+# for GELU and LayerNorm). Results must not depend on that, so the reductions below (`_sum`) fix their own order.
+_FLAGS = dict(cache=True, fastmath={"contract"})
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that n * ln2 is subtracted without rounding error
 _LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(inline="always", **_FLAGS)
+def _sum(x):
+    """sum(x[:]) of a float32 vector in a fixed order: 8 interleaved partial sums (which map onto SIMD lanes),
+    combined pairwise, then the tail. The same bits however the compiler vectorises."""
+    n = x.shape[0]
+    n8 = n - n % 8
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = np.float32(0)
+    for j in range(0, n8, 8):
+        s0 += x[j]
+        s1 += x[j + 1]
+        s2 += x[j + 2]
+        s3 += x[j + 3]
+        s4 += x[j + 4]
+        s5 += x[j + 5]
+        s6 += x[j + 6]
+        s7 += x[j + 7]
+    s = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+    for j in range(n8, n):
+        s += x[j]
+    return s
 
 
 @njit(inline="always", **_FLAGS)
@@ -109,10 +135,7 @@ def _softmax(x):
         for j in range(n):
             row[j] -= m
         _exp_into(row, row, np.empty(n, np.int32))
-        s = np.float32(0)
-        for j in range(n):
-            s += row[j]
-        inv = np.float32(1) / s
+        inv = np.float32(1) / _sum(row)
         for j in range(n):
             row[j] *= inv
     return x
@@ -126,18 +149,14 @@ def _layer_norm(x, weight, bias, eps):
     inv_c = np.float32(1 / c)
     eps = np.float32(eps)
     for i in prange(rows.shape[0]):
-        row = rows[i]
-        mean = np.float32(0)
-        for j in range(c):
-            mean += row[j]
-        mean *= inv_c
-        var = np.float32(0)
+        row, o = rows[i], out[i]
+        mean = _sum(row) * inv_c
         for j in range(c):
             d = row[j] - mean
-            var += d * d
-        inv = np.float32(1) / np.sqrt(var * inv_c + eps)
+            o[j] = d * d  # the output row as scratch for the squared deviations
+        inv = np.float32(1) / np.sqrt(_sum(o) * inv_c + eps)  # biased variance, as torch
         for j in range(c):
-            out[i, j] = (row[j] - mean) * inv * weight[j] + bias[j]
+            o[j] = (row[j] - mean) * inv * weight[j] + bias[j]
     return out.reshape(x.shape)
 
 

@@ -178,7 +178,8 @@ def plot_legend(seg, id2label: dict, palette=None, max_entries: int = 20, ax=Non
         raise ImportError("plot_legend needs matplotlib: pip install matplotlib (or mininp_segformer[notebooks]); "
                           "legend() gives the same entries without it") from None
     entries = legend(seg, id2label, palette)[:max_entries]
-    if ax is None:
+    own_figure = ax is None
+    if own_figure:
         fig, ax = plt.subplots(figsize=(5, 0.35 * max(len(entries), 1) + 0.6))
     else:
         fig = ax.figure
@@ -188,7 +189,8 @@ def plot_legend(seg, id2label: dict, palette=None, max_entries: int = 20, ax=Non
     ax.set_yticks(ys, [f"{e.name} ({e.share:.1%})" for e in entries])
     ax.set_xlabel("share of pixels (%)")
     ax.set_xlim(0, 100)
-    fig.tight_layout()
+    if own_figure:  # a caller's figure keeps the layout its caller chose
+        fig.tight_layout()
     return fig
 
 

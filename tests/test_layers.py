@@ -229,3 +229,40 @@ def test_linear_kernel_equals_its_twin():
     x, w, b = randn(2, 37, 19), randn(23, 19), randn(23)
     np.testing.assert_array_equal(kernels.linear(x, w, b), layers.linear(x, w, b))
     np.testing.assert_array_equal(kernels.linear(x, w), layers.linear(x, w))
+
+
+_KERNEL_DIGESTS = """
+import hashlib, numpy as np
+from mininp_segformer import kernels
+rng = np.random.default_rng(0)
+digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+outs = {}
+for c in (16, 32, 64, 160):  # row lengths that do and do not fill whole SIMD vectors
+    x = rng.standard_normal((2, 9, 13, c)).astype(np.float32) * 3
+    w = rng.standard_normal((c, 1, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(c).astype(np.float32)
+    lw = rng.standard_normal((5, c)).astype(np.float32)
+    outs.update({f"gelu {c}": kernels.gelu(x.copy()), f"depthwise_conv3x3_gelu {c}": kernels.depthwise_conv3x3_gelu(x, w, b),
+                 f"depthwise_conv3x3 {c}": kernels.depthwise_conv3x3(x, w, b), f"softmax {c}": kernels.softmax(x.copy()),
+                 f"layer_norm {c}": kernels.layer_norm(x, b, b), f"linear {c}": kernels.linear(x, lw, b[:5])})
+print("\\n".join(f"{k}: {digest(v)}" for k, v in outs.items()))
+"""
+
+
+def test_kernels_give_the_same_bits_compiled_or_loaded_from_the_cache(tmp_path):
+    """The first process compiles the kernels and writes numba's cache; the second loads them. Their results must be
+    identical. With fastmath "reassoc", numba 0.68's GELU and LayerNorm differed by 1 ulp between the two."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    runs = [subprocess.run([sys.executable, "-c", _KERNEL_DIGESTS], env=env, capture_output=True, text=True,
+                           timeout=300) for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert any((tmp_path / "numba_cache").rglob("*.nbi")), "the first run wrote no numba cache"
+    compiled, cached = (r.stdout.strip().splitlines() for r in runs)
+    assert len(compiled) == 24
+    differ = [a.split(":")[0] for a, b in zip(compiled, cached) if a != b]
+    assert not differ, f"compiled and cached kernels give different results: {differ}"

@@ -21,8 +21,10 @@ from tests.conftest import (FIXTURES_DIR, PHOTOS, REPO_ROOT, array_digest, asser
                             smooth_image, weights_for)
 
 # Tolerances: max |ours - transformers| <= RTOL * max |transformers| per tensor. The float32 noise of transformers
-# itself (float32 vs float64 run) is ~1e-6 of the max, so these leave ample room while still catching real bugs.
-MODEL_RTOL = 2e-5          # logits, hidden states, attentions (observed <= 2.2e-6; the ceiling would be 1e-4)
+# itself (float32 vs float64 run) is ~1e-6 of the max, so these leave room while still catching real bugs.
+# Observed: <= 2.7e-6 with random weights; 1.25e-5 on the trained demo model's last attention map (k, attention_7),
+# where a float64 run puts torch and us each ~6e-6 from the exact probabilities -- float32 rounding, not a bug.
+MODEL_RTOL = 2e-5          # logits, hidden states, attentions (the ceiling would be 1e-4)
 PREPROCESS_ATOL = 1e-6     # pixel_values, absolute
 RESIZE_RTOL = 1e-6         # bilinear resize vs torch.nn.functional.interpolate
 TIE_ATOL = 1e-4            # argmax maps may differ only where our two competing scores are this close
