@@ -657,7 +657,7 @@ def case_l_components():
 
     handles = [module.register_forward_hook(hook(name)) for name, module in taps.items()]
     proc = SegformerImageProcessorPil.from_pretrained(directory, size={"height": SIZE_L[0], "width": SIZE_L[1]})
-    image, labels = make_scene(SEED_L_SCENE, size=SIZE_L)
+    image, _ = make_scene(SEED_L_SCENE, size=SIZE_L)
     x = proc(images=image, return_tensors="np")["pixel_values"].astype(np.float32)
     out = run(model, x)
     for h in handles:

@@ -363,7 +363,9 @@ def test_demo_model_components_against_transformers():
     x = ms.preprocess(image, size=tuple(meta["size"]))
     assert_close("l pixel_values", x, ref["pixel_values"], atol=PREPROCESS_ATOL)
 
-    nhwc = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))  # noqa: E731  (B, C, H, W) -> (B, H, W, C)
+    def nhwc(a):  # (B, C, H, W) -> (B, H, W, C)
+        return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
     pe = enc["patch_embeddings"][0]
     proj = layers.conv2d(nhwc(x), pe["proj"]["weight"], pe["proj"]["bias"], stride=config.strides[0],
                          padding=config.patch_sizes[0] // 2)
