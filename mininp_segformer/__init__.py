@@ -17,10 +17,12 @@ from .inference import segment  # noqa: E402
 from .kernels import set_num_threads  # noqa: E402
 from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
 from .preprocessing import postprocess, preprocess  # noqa: E402
-from .weights import CheckpointError  # noqa: E402
+from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, ResourceError,  # noqa: E402
+                     SegformerError)
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
-           "preprocess", "postprocess", "segment", "CheckpointError", "set_num_threads"]
+           "preprocess", "postprocess", "segment", "set_num_threads",
+           "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "ResourceError"]
 
 if os.environ.get("MININP_SEGFORMER_THREADS"):
     set_num_threads(int(os.environ["MININP_SEGFORMER_THREADS"]))

@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A `config.json` that is missing, not JSON, not SegFormer, or inconsistent."""
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, SegformerConfig
-from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, CheckpointError, load_checkpoint
+from .config import SegformerConfig
+from .errors import CheckpointError, ConfigError, DownloadError
+from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, load_checkpoint
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 MANIFEST_NAME = "manifest.json"
@@ -51,8 +52,6 @@ NVIDIA_LICENCE = "NVIDIA Source Code License for SegFormer: non-commercial, rese
 PROJECT_LICENCE = "Apache-2.0 (this project's licence)"
 
 
-class DownloadError(CheckpointError):
-    """A checkpoint that could not be fetched: hub unreachable, HTTP error, or a download that arrived damaged."""
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import kernels
+from .errors import ImageError
 from .layers import _bilinear_taps, resize_bilinear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,8 +27,6 @@ RESCALE_FACTOR = 1 / 255  # HF's preprocessor_config: 0.00392156862745098
 DEFAULT_SIZE = (512, 512)
 
 
-class ImageError(ValueError):
-    """An input that is not an image we can segment."""
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, SegformerConfig
+from .config import SegformerConfig
+from .errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -34,8 +35,6 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: missing files, a corrupt file, or tensors that don't fit the config."""
 
 
 def expected_shapes(config: SegformerConfig, head: str = SEMANTIC) -> dict[str, tuple[int, ...]]:
