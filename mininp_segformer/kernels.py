@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import threading
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from numba import njit, prange
+from numba.core import event
 
 from .config import LAYER_NORM_EPS
 from .layers import _bilinear_taps, conv_output_size
@@ -34,6 +37,28 @@ from .layers import _bilinear_taps, conv_output_size
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
+
+# The first run after an install compiles the kernels and stores them in numba's disk cache; later runs load them
+# (docs/installation.md gives the measured times). Tell a person at a terminal why the first run is slow: numba fires
+# "numba:compile" only when it really compiles, not when it loads a kernel from its cache.
+COMPILE_NOTICE = "mininp_segformer: compiling numba kernels, first run only (~20-60 s) ..."
+
+
+class _CompileNotice(event.Listener):
+    """Prints COMPILE_NOTICE to stderr once per process, when numba starts compiling and stderr is a terminal."""
+
+    shown = False
+
+    def on_start(self, ev):
+        if not self.shown and sys.stderr is not None and sys.stderr.isatty():
+            print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+        self.shown = True
+
+    def on_end(self, ev):
+        pass
+
+
+event.register("numba:compile", _CompileNotice())
 
 # fastmath "contract" lets LLVM fuse a * b + c into one FMA. The other fastmath flags are left off on purpose:
 # with "reassoc" the compiler may reorder sums and polynomials as it likes, and numba 0.68 reordered them differently
@@ -363,15 +388,36 @@ def _set_blas_threads(n: int) -> None:
         threadpool_limits(n, user_api="blas")
         return
     # Without threadpoolctl: call OpenBLAS's own setter in the library NumPy loaded (Linux, macOS).
+    setter = _openblas_function("set_num_threads")
+    if setter is not None:
+        setter(ctypes.c_int(n))
+
+
+def code_paths() -> dict[str, str]:
+    """The CPU code paths that float32 results depend on, for logs and bug reports.
+
+    `blas`: the kernel set OpenBLAS chose for this CPU (e.g. SkylakeX for AVX-512, Haswell or Zen for AVX2; set by
+    OPENBLAS_CORETYPE); `numba`: the CPU numba compiles the kernels for (set by NUMBA_CPU_NAME). Two machines that
+    differ in either round float32 sums differently.
+    """
+    corename = _openblas_function("get_corename")
+    if corename is not None:
+        corename.restype = ctypes.c_char_p
+    blas = corename().decode() if corename is not None else "unknown (not OpenBLAS, or not found)"
+    return {"blas": blas, "numba": numba.config.CPU_NAME or llvm.get_host_cpu_name()}
+
+
+def _openblas_function(name: str):
+    """OpenBLAS's C function `openblas_<name>` (under the names NumPy's and SciPy's builds give it), or None."""
     for path in _loaded_libraries():
         if "openblas" not in os.path.basename(path).lower():
             continue
         lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            setter = getattr(lib, symbol, None)
-            if setter is not None:
-                setter(ctypes.c_int(n))
-                return
+        for symbol in (f"scipy_openblas_{name}64_", f"openblas_{name}64_", f"openblas_{name}"):
+            function = getattr(lib, symbol, None)
+            if function is not None:
+                return function
+    return None
 
 
 def _loaded_libraries() -> list[str]:
