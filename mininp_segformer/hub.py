@@ -67,7 +67,7 @@ MAX_JSON_BYTES = 4 << 20  # config.json, preprocessor_config.json, manifest.json
 MAX_WEIGHTS_BYTES = 2 << 30  # weights whose size nobody announces; B5 in float32 is 0.34 GB
 CHUNK_BYTES = 1 << 20
 USER_AGENT = "mininp_segformer (urllib)"
-# What a failed connection or exchange raises (urllib wraps socket errors in URLError; http.client's own are not OSError)
+# What a failed connection or exchange raises (urllib wraps socket errors in URLError; http.client's are no OSError)
 NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException)
 
 NVIDIA_LICENCE = "NVIDIA Source Code License for SegFormer: non-commercial, research or evaluation use only"
@@ -215,8 +215,11 @@ def cache_dir(name: str, revision: str = "main") -> Path:
 def _read_manifest(directory: Path) -> dict | None:
     """`directory`'s manifest, or None when it is missing or damaged: unreadable, larger than MAX_JSON_BYTES, not
     UTF-8 JSON, nested too deeply for the parser (RecursionError), or listing files other than the checkpoint's."""
+    path = directory / MANIFEST_NAME
     try:
-        with open(directory / MANIFEST_NAME, "rb") as f:
+        if not path.is_file():  # missing, or a directory or FIFO (whose open() would wait for a writer)
+            return None
+        with open(path, "rb") as f:
             data = f.read(MAX_JSON_BYTES + 1)
         manifest = json.loads(data) if len(data) <= MAX_JSON_BYTES else None
     except (OSError, ValueError, RecursionError):
@@ -268,19 +271,23 @@ def cached_models() -> list[CachedModel]:
     the same directory); hidden directories (.locks, downloads under way) are not entries.
     """
     home = cache_home()
+    found = []
     try:
-        return [_cached_model(rev_dir) for model_dir in _entries(home) if "--" in model_dir.name
-                for rev_dir in _entries(model_dir)]
+        for rev_dir in (r for m in _entries(home) if "--" in m.name for r in _entries(m)):
+            with contextlib.suppress(FileNotFoundError):  # replaced by a download finishing meanwhile
+                found.append(_cached_model(rev_dir))
     except OSError as e:
         raise CheckpointError(f"could not read the model cache {e.filename or home} ({e.strerror or e}): fix its "
                               "permissions, or set MININP_SEGFORMER_HOME to another directory") from None
+    return found
 
 
 def _entries(directory: Path) -> list[Path]:
     """The sub-directories of `directory` whose names do not start with '.'; none if it is not a directory."""
-    if not directory.is_dir():
+    try:
+        return sorted(d for d in directory.iterdir() if not d.name.startswith(".") and d.is_dir())
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(d for d in directory.iterdir() if not d.name.startswith(".") and d.is_dir())
 
 
 def _cached_model(rev_dir: Path) -> CachedModel:
@@ -397,22 +404,23 @@ def _download_lock(name: str, progress: bool):
 
 
 def _wait_for_lock(f, path: Path, name: str, progress: bool) -> bool:
-    patience = len(CHECKPOINT_FILES) * DEADLINE + TIMEOUT  # the holder gives up on its files by then
-    start = time.monotonic()
+    """Lock the open lock file `f`, polling while another process holds it; False if the file system cannot."""
+    patience = len(CHECKPOINT_FILES) * DEADLINE + TIMEOUT  # by then the holder has given up on each of its files
+    start, told = time.monotonic(), not progress
     while True:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            pass
+            waited = time.monotonic() - start
         except OSError:  # e.g. a network file system without flock
             return False
-        waited = time.monotonic() - start
         if waited > patience:
             raise DownloadError(f"another process has been downloading {name} for {waited:.0f} s (it holds {path}); "
                                 "if no other download is running, delete that file and try again")
-        if progress and waited < 0.1:  # said once, on the first refusal
+        if not told:
             print(f"Waiting for another process that is downloading {name} (lock {path})", file=sys.stderr)
+            told = True
         time.sleep(0.1)
 
 
@@ -548,16 +556,17 @@ class _Watchdog:
         window_bytes = 0
         while not self._done.wait(0.05):
             now = time.monotonic()
-            if now - start > DEADLINE:
-                return self._cut(f"it took longer than {DEADLINE:g} s (mininp_segformer.hub.DEADLINE)")
-            if now - window_start >= RATE_WINDOW:
+            if self.reason is None and now - start > DEADLINE:
+                self.reason = f"it took longer than {DEADLINE:g} s (mininp_segformer.hub.DEADLINE)"
+            elif self.reason is None and now - window_start >= RATE_WINDOW:
                 if self.received - window_bytes < MIN_BYTES_PER_SECOND * (now - window_start):
-                    return self._cut(f"fewer than {MIN_BYTES_PER_SECOND:,} bytes/s arrived over {now - window_start:.3g} "
-                                     "s (mininp_segformer.hub.MIN_BYTES_PER_SECOND)")
+                    self.reason = (f"fewer than {MIN_BYTES_PER_SECOND:,} bytes/s arrived over "
+                                   f"{now - window_start:.3g} s (mininp_segformer.hub.MIN_BYTES_PER_SECOND)")
                 window_start, window_bytes = now, self.received
+            if self.reason:
+                self._cut()  # at every tick from then on: a connection opened meanwhile is cut too
 
-    def _cut(self, reason: str) -> None:
-        self.reason = reason
+    def _cut(self) -> None:
         for connection in list(self.connections):
             for sock in (connection.sock, connection.watched_socket):
                 try:
@@ -630,7 +639,9 @@ def _open(url: str, watchdog: _Watchdog):
     opener = _opener(watchdog)
     announced = {}
     for hop in range(MAX_REDIRECTS + 1):
-        _check_http_url(url, "HF_ENDPOINT" if hop == 0 else "the server redirected to")
+        if watchdog.reason:
+            raise watchdog.error()
+        _check_http_url(url, "HF_ENDPOINT gives" if hop == 0 else "the server redirected to")
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
         if token and urllib.parse.urlsplit(url).netloc == token_host:
             request.add_header("Authorization", f"Bearer {token}")

@@ -114,7 +114,7 @@ def test_endpoint_must_be_http(fake_hub, checkpoint, tmp_path, monkeypatch):
     for filename, body in checkpoint["files"].items():
         (mirror / filename).write_bytes(body)
     monkeypatch.setenv("HF_ENDPOINT", (tmp_path / "mirror").as_uri())
-    with pytest.raises(DownloadError, match="HF_ENDPOINT 'file:.*not an http:// or https:// URL"):
+    with pytest.raises(DownloadError, match="HF_ENDPOINT gives 'file:.*not an http:// or https:// URL"):
         hub.resolve(NAME, progress=False)
     assert_no_cache_entry(tmp_path)
 
