@@ -35,12 +35,12 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,22 +394,28 @@ def _download_lock(name: str, progress: bool):
         yield False
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        locked = _wait_for_lock(f, path, name, progress)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except PermissionError:  # another user's lock file: flock itself needs no write access (NFS's emulation does)
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        locked = _wait_for_lock(fd, path, name, progress)
         try:
             yield locked
         finally:
             if locked:
-                fcntl.flock(f, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
-def _wait_for_lock(f, path: Path, name: str, progress: bool) -> bool:
-    """Lock the open lock file `f`, polling while another process holds it; False if the file system cannot."""
+def _wait_for_lock(fd: int, path: Path, name: str, progress: bool) -> bool:
+    """Lock the open lock file `fd`, polling while another process holds it; False if the file system cannot."""
     patience = len(CHECKPOINT_FILES) * DEADLINE + TIMEOUT  # by then the holder has given up on each of its files
     start, told = time.monotonic(), not progress
     while True:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
             waited = time.monotonic() - start
@@ -437,7 +443,9 @@ def _staging_dir(target: Path, locked: bool) -> Path:
     if locked:
         for stale in target.parent.glob(".*.incomplete"):
             shutil.rmtree(stale, ignore_errors=True)
-    return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".incomplete"))
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.incomplete"
+    staging.mkdir()  # not tempfile.mkdtemp: its mode 0o700 would keep other users of a shared cache out
+    return staging
 
 
 def _replace_dir(staging: Path, target: Path) -> None:
