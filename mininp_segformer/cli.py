@@ -278,7 +278,8 @@ def cmd_models(args) -> int:
     from .hub import KNOWN_CHECKPOINTS, bundled_models, cached_models
 
     cached = {}
-    for c in cached_models():
+    entries = cached_models()
+    for c in entries:
         cached.setdefault(c.name, []).append(f"{c.revision}{'' if c.complete else ' (incomplete)'}")
     bundled = set(bundled_models())
     rows = [("NAME", "TASK", "LABELS", "INPUT", "STATUS")]
@@ -293,12 +294,22 @@ def cmd_models(args) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    incomplete = [str(c.path) for c in entries if not c.complete]
+    if incomplete:
+        print("\nIncomplete or damaged (downloaded again on next use, or delete them):\n  " + "\n  ".join(incomplete))
     return 0
 
 
 def cmd_download(args) -> int:
-    from .hub import resolve
+    from .errors import CheckpointError
+    from .hub import bundled_models, check_hub_name, check_revision, resolve
 
+    if args.name not in bundled_models():  # a bundled model's name prints its directory
+        try:  # before anything touches the disk: the name becomes a cache directory
+            check_hub_name(args.name)
+            check_revision(args.revision)
+        except CheckpointError as e:
+            raise UsageError(f"{e} (download takes a Hub name; a local directory needs no download)") from None
     print(resolve(args.name, revision=args.revision))
     return 0
 
