@@ -379,9 +379,9 @@ def segment(image, model, mode: str = "whole", crop=None, stride=None, resize: s
     need = segment_bytes(model, size, sizes, len(flips), mode, crop, stride, band_rows)
     largest = max(sizes, key=lambda s: s[0] * s[1])
     check_memory(need, f"segmenting a {size[0]} x {size[1]} image ({mode} mode, {len(sizes) * len(flips)} "
-                 f"run(s), the largest at {largest[0]} x {largest[1]})",
+                 f"pass(es), the largest at {largest[0]} x {largest[1]})",
                  SLIDE_HINT if mode == "whole" else "use fewer or smaller TTA scales, or a smaller image")
-    runs = [len(window_spans(s[0], crop[0], stride[0])) * len(window_spans(s[1], crop[1], stride[1]))
+    runs = [window_count(s[0], crop[0], stride[0]) * window_count(s[1], crop[1], stride[1])
             if mode == "slide" else 1 for s in sizes] * len(flips)
     counter = _run_counter(sum(runs), progress)
     streams = []

@@ -49,7 +49,8 @@ def open_image_file(path):
     """Open an image file and decode it, refusing -- with an ImageError naming the file -- what would hang or
     exhaust memory: a FIFO, device or socket (reading one waits forever), an image of more than
     `PIL.Image.MAX_IMAGE_PIXELS` pixels (89,478,485 by default; None: no limit), a text chunk that inflates past
-    Pillow's `PngImagePlugin.MAX_TEXT_CHUNK`, and anything Pillow cannot decode. Yields the loaded PIL image.
+    Pillow's `PngImagePlugin.MAX_TEXT_CHUNK`, and anything Pillow cannot decode. Yields the loaded PIL image;
+    Pillow's errors in the caller's block (e.g. while applying the EXIF rotation) are reported the same way.
     """
     path = Path(path)
     try:

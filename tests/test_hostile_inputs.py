@@ -234,7 +234,7 @@ def test_slide_tta_at_huge_scales_is_refused_before_any_run(model, memory_limit)
     photo = gradient_image(2000, 3000)
     runs = []
     memory_limit("512M")
-    with pytest.raises(ms.ResourceError, match=r"segmenting a 2000 x 3000 image \(slide mode, 4 run\(s\), the "
+    with pytest.raises(ms.ResourceError, match=r"segmenting a 2000 x 3000 image \(slide mode, 4 pass\(es\), the "
                                                r"largest at 16000 x 24000\) would need about [\d.]+ GiB of memory, "
                                                r"more than the limit of 512.0 MiB; use fewer or smaller TTA scales"):
         inference.segment(photo, model, mode="slide", crop=48, tta=True, scales=[1.0, 8.0],

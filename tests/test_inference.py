@@ -194,7 +194,7 @@ def test_bad_options(model, photo, memory_limit):
     with pytest.raises(ValueError, match="at scale 0.1 the image would be 6 x 6"):
         inf.segment(photo, model, tta=True, scales=[0.1])
     memory_limit("8G")
-    with pytest.raises(ms.ResourceError, match=r"segmenting a 4000 x 6000 image \(whole mode, 1 run\(s\), the "
+    with pytest.raises(ms.ResourceError, match=r"segmenting a 4000 x 6000 image \(whole mode, 1 pass\(es\), the "
                        r"largest at 4000 x 6000\) would need about [\d.]+ GiB of memory, more than the limit of 8.0 "
                        r"GiB; segment large images in windows instead: .*mode='slide'"):
         inf.segment(np.zeros((4000, 6000, 3), dtype=np.uint8), model, resize="none")
