@@ -28,7 +28,8 @@ iterators of channels-last `(rows, W, C)` blocks, so that the argmax and the sof
 A slide keeps the low-resolution logits of the windows whose rows are not yet finished -- at most
 ceil(crop / stride) rows of windows -- and finishes output rows as soon as no later window touches them; resizing
 and the argmax work band by band as well (`resize_bands`, `argmax_bands`). With TTA every augmentation keeps its
-own rows of windows and its own resized copy of the photo.
+own rows of windows and its own resized copy of the photo. Before the first run, `segment` adds all this up
+(`segment_bytes`) and raises ResourceError if it exceeds `memory.max_memory()`.
 """
 
 from __future__ import annotations

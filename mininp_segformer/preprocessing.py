@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from . import kernels
 from .errors import ImageError
 from .layers import _bilinear_taps, resize_bilinear
+from .memory import check_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -187,6 +188,10 @@ def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
     if len(images) == 0:
         raise ImageError("no images given")
     h, w = _as_size(size)
+    # bytes per pixel: 2 x 12 per image (3 float32 channels, in the list and in the stack) + one image's float64
+    # rescale in `normalize` (2 x 24)
+    check_memory((24 * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
+                 "choose a smaller size")
     return np.stack([normalize(resize_image(load_image(image), (h, w)), mean, std) for image in images])
 
 

@@ -214,8 +214,10 @@ def test_a_4096_squared_forward_is_refused_before_it_allocates(entry):
 
 
 def test_the_limit_is_settable_and_defaults_to_the_memory_available(model, memory_limit, monkeypatch):
+    assert 0 < memory.available_memory() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     monkeypatch.delenv(memory.MEMORY_ENV, raising=False)
-    assert memory.max_memory() == pytest.approx(memory.available_memory(), rel=0.1)
+    monkeypatch.setattr(memory, "available_memory", lambda: 3 * 2**30)
+    assert memory.max_memory() == 3 * 2**30
     monkeypatch.setenv(memory.MEMORY_ENV, "1.5G")
     assert memory.max_memory() == 1.5 * 2**30
     memory_limit("64M")  # the setter wins over the environment
@@ -223,6 +225,8 @@ def test_the_limit_is_settable_and_defaults_to_the_memory_available(model, memor
     with pytest.raises(ms.ResourceError, match=r"1 x 1024 x 1024 pixel values would need about [\d.]+ MiB of "
                                                r"memory, more than the limit of 64.0 MiB"):
         model(np.broadcast_to(np.float32(0), (1, 3, 1024, 1024)))
+    with pytest.raises(ms.ResourceError, match=r"preprocessing 1 image\(s\) to 2000 x 3000 would need about"):
+        ms.preprocess(np.zeros((4, 4, 3), np.uint8), size=(2000, 3000))
     memory_limit("none")
     assert memory.max_memory() == float("inf")
     with pytest.raises(ms.ResourceError, match="'lots' is not a memory size"):
