@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"TTA scale ratios (default {' '.join(map(str, TTA_SCALES))})")
     p.add_argument("--no-flip", action="store_true", help="TTA without the mirrored images")
     p.add_argument("--threads", type=_positive(int), default=None, help="threads per process (numba and BLAS)")
-    p.add_argument("--jobs", type=_positive(int, zero_ok=True), default=1, help="processes (default 1; 0: one per core)")
+    p.add_argument("--jobs", type=_positive(int, zero_ok=True), default=1,
+                   help="processes (default 1; 0: one per core)")
     p.add_argument("--max-memory", type=_checked(parse_size), default=None, metavar="SIZE",
                    help=f"refuse images whose inference would need more, e.g. 8G or none (default: the memory "
                         f"available, or ${MEMORY_ENV})")
