@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import SegformerError
 from .model import DEFAULT_MODEL, load
 from .preprocessing import load_image
 from .viz import colorize, legend, overlay, palette_for, save_atomically
@@ -35,15 +36,30 @@ def cached_model(name_or_dir: str, revision: str = "main"):
     return load(name_or_dir, revision=revision)
 
 
+def output_stem(stem) -> Path:
+    """`stem` as a relative path that stays below the output directory: an anchor ("/", "C:\\") and empty parts
+    are dropped, the parts "." and ".." become "_" and "__" (an input named "..png" has the stem "."); nothing
+    left: "_"."""
+    path = Path(stem)
+    parts = [{".": "_", "..": "__"}.get(p, p) for p in path.parts if p != path.anchor]
+    return Path(*parts) if parts else Path("_")
+
+
 def output_paths(stem, out_dir, overlay_format: str | None = None) -> dict[str, Path]:
     """{"label_map": out_dir/<stem>.png, "overlay": out_dir/<stem>_overlay.<format> (if a format is given)}.
 
-    `stem` may hold sub-directories ("holiday/img_001"), mirrored below out_dir.
+    `stem` may hold sub-directories ("holiday/img_001"), mirrored below out_dir; it is made safe by `output_stem`.
+    A path that would still resolve outside out_dir (through a symbolic link) is a SegformerError.
     """
-    base = Path(out_dir) / stem
+    base = Path(out_dir) / output_stem(stem)
     paths = {"label_map": base.with_name(base.name + ".png")}
     if overlay_format is not None:
         paths["overlay"] = base.with_name(f"{base.name}_overlay.{overlay_format}")
+    root = Path(out_dir).resolve()
+    for path in paths.values():
+        if root not in path.resolve().parents:
+            raise SegformerError(f"the output {path} for {stem!r} would land outside the output directory "
+                                 f"{out_dir} (a symbolic link?); choose another output directory")
     return paths
 
 

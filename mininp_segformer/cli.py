@@ -77,12 +77,18 @@ def expand_inputs(inputs, recursive: bool, exclude: Path | None = None):
 
 
 def _check_outputs(items, out_dir: Path, overlay_format):
-    """Usage errors for two inputs writing the same output, or an output that would overwrite an input."""
+    """Usage errors for two inputs writing the same output, an output that would overwrite an input, or one that
+    would land outside the output directory."""
     from .batch import output_paths
+    from .errors import SegformerError
 
     seen, inputs = {}, {p.resolve() for p, _ in items}
     for path, stem in items:
-        for out in output_paths(stem, out_dir, overlay_format).values():
+        try:
+            outputs = output_paths(stem, out_dir, overlay_format)
+        except SegformerError as e:
+            raise UsageError(str(e)) from None
+        for out in outputs.values():
             key = out.resolve()
             if key in seen:
                 raise UsageError(f"{seen[key]} and {path} would both be written to {out}; segment them into "
@@ -122,11 +128,14 @@ def _check_predict_args(args) -> None:
     if not 0.0 <= args.alpha <= 1.0:
         raise UsageError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.palette is not None:
-        args.palette = int(args.palette) if args.palette.isdigit() else args.palette
+        try:
+            args.palette = int(args.palette)  # a number of colours, else a name
+        except ValueError:
+            pass
         try:
             palette_for(args.palette)
         except (ValueError, TypeError) as e:
-            raise UsageError(str(e)) from None
+            raise UsageError(f"--palette: {e}") from None
 
 
 def _check_model_args(args, model) -> None:
@@ -146,10 +155,19 @@ def _check_model_args(args, model) -> None:
         raise UsageError(str(e)) from None
 
 
-def _worker_init(threads: int) -> None:
-    from . import set_num_threads
+def _set_limits(threads: int | None, max_memory: int | float | None, max_pixels: int | None) -> None:
+    """This process's threads and limits: in the command's own process, and in each worker of --jobs."""
+    from PIL import Image
 
-    set_num_threads(threads)
+    from . import set_num_threads
+    from .memory import set_max_memory
+
+    if threads:
+        set_num_threads(threads)
+    if max_memory is not None:
+        set_max_memory(max_memory)
+    if max_pixels is not None:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # what preprocessing.open_image_file checks against
 
 
 class _Progress:
@@ -214,8 +232,8 @@ def _run_all(items, args, model, directory, options, progress: _Progress) -> lis
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     results = []
     context = multiprocessing.get_context("spawn")  # numba's threads and fork do not mix
-    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(items)), mp_context=context,
-                                                initializer=_worker_init, initargs=(threads,)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(min(jobs, len(items)), mp_context=context, initializer=_set_limits,
+                                                initargs=(threads, args.max_memory, args.max_pixels)) as pool:
         futures = {pool.submit(segment_file_or_error, path, model=os.fspath(directory), stem=stem, **common): path
                    for path, stem in items}
         try:
@@ -234,7 +252,6 @@ def _run_all(items, args, model, directory, options, progress: _Progress) -> lis
 
 
 def cmd_predict(args) -> int:
-    from . import set_num_threads
     from .hub import resolve
     from .model import load
 
@@ -246,8 +263,7 @@ def cmd_predict(args) -> int:
         raise CommandError(f"no image files found in {', '.join(args.inputs)}"
                            + (f" ({skipped} other files skipped)" if skipped else ""))
     _check_outputs(items, out_dir, overlay_format)
-    if args.threads:
-        set_num_threads(args.threads)
+    _set_limits(args.threads, args.max_memory, args.max_pixels)
     try:
         directory = resolve(args.model, revision=args.revision)  # the workers of --jobs load this directory
         model = load(directory)
@@ -413,27 +429,47 @@ def cmd_bench(args) -> int:
 # The parser
 
 
-def _positive(convert):
-    """An argparse type: `convert` (int or float) of the text, which must be > 0."""
-    what, bound = ("a whole number", "at least 1") if convert is int else ("a number", "positive")
+def _positive(convert, zero_ok: bool = False):
+    """An argparse type: `convert` (int or float) of the text, which must be > 0 (>= 0 if `zero_ok`)."""
+    what, bound = ("a whole number", f"at least {int(not zero_ok)}") if convert is int else ("a number", "positive")
 
     def parse(text: str):
         try:
             value = convert(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value > 0:
+        if not (value >= 0 if zero_ok else value > 0):
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
 
     return parse
 
 
+def _checked(convert):
+    """An argparse type: `convert(text)`, whose ValueError becomes the usage error's message."""
+
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line: the message, and where the usage is."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .inference import MODES, RESIZE_MODES, TTA_SCALES
+    from .inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
+    from .memory import MEMORY_ENV, parse_size
     from .model import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
+    parser = _Parser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -457,11 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: stretch to the model's input (default for whole); mmseg: keep the aspect ratio within "
                         "(2048, input), sides a multiple of 32; none: the image's own size (default for slide)")
     p.add_argument("--tta", action="store_true", help="average over scales and horizontal flips")
-    p.add_argument("--scales", type=_positive(float), nargs="+", default=None,
+    p.add_argument("--scales", type=_checked(lambda text: check_scales([text])[0]), nargs="+", default=None,
                    help=f"TTA scale ratios (default {' '.join(map(str, TTA_SCALES))})")
     p.add_argument("--no-flip", action="store_true", help="TTA without the mirrored images")
     p.add_argument("--threads", type=_positive(int), default=None, help="threads per process (numba and BLAS)")
-    p.add_argument("--jobs", type=int, default=1, help="processes (default 1; 0: one per core)")
+    p.add_argument("--jobs", type=_positive(int, zero_ok=True), default=1,
+                   help="processes (default 1; 0: one per core)")
+    p.add_argument("--max-memory", type=_checked(parse_size), default=None, metavar="SIZE",
+                   help=f"refuse images whose inference would need more, e.g. 8G or none (default: the memory "
+                        f"available, or ${MEMORY_ENV})")
+    p.add_argument("--max-pixels", type=_positive(int), default=None, metavar="N",
+                   help="refuse image files of more pixels, a guard against decompression bombs (default: Pillow's "
+                        "89,478,485)")
     p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
     p.set_defaults(func=cmd_predict)

@@ -33,6 +33,12 @@ def stage_sizes(config: SegformerConfig, height: int, width: int) -> list[tuple[
     return sizes
 
 
+def reduced_tokens(height: int, width: int, sr_ratio: int) -> int:
+    """N_r: the keys (and values) of a height x width token map after the R x R stride-R spatial reduction."""
+    r = sr_ratio
+    return conv_output_size(height, r, r, 0) * conv_output_size(width, r, r, 0) if r > 1 else height * width
+
+
 def _encoder_macs(config: SegformerConfig, sizes) -> dict[str, int]:
     macs = dict.fromkeys(("patch_embed", "attention_linears", "spatial_reduction", "attention_matmuls",
                           "ffn_dense1", "ffn_dwconv", "ffn_dense2"), 0)
@@ -40,7 +46,7 @@ def _encoder_macs(config: SegformerConfig, sizes) -> dict[str, int]:
     for s, (h, w) in enumerate(sizes):
         c, k, r = config.hidden_sizes[s], config.patch_sizes[s], config.sr_ratios[s]
         n = h * w
-        n_r = conv_output_size(h, r, r, 0) * conv_output_size(w, r, r, 0) if r > 1 else n
+        n_r = reduced_tokens(h, w, r)
         hidden = int(c * config.mlp_ratios[s])
         macs["patch_embed"] += n * c * k * k * c_in
         depth = config.depths[s]
@@ -89,8 +95,7 @@ def attention_bytes(config: SegformerConfig, height: int, width: int) -> int:
     largest = 0
     for s, (h, w) in enumerate(stage_sizes(config, height, width)):
         r = config.sr_ratios[s]
-        n_r = conv_output_size(h, r, r, 0) * conv_output_size(w, r, r, 0) if r > 1 else h * w
-        largest = max(largest, config.num_attention_heads[s] * h * w * n_r * 4)
+        largest = max(largest, config.num_attention_heads[s] * h * w * reduced_tokens(h, w, r) * 4)
     return largest
 
 

@@ -28,25 +28,29 @@ iterators of channels-last `(rows, W, C)` blocks, so that the argmax and the sof
 A slide keeps the low-resolution logits of the windows whose rows are not yet finished -- at most
 ceil(crop / stride) rows of windows -- and finishes output rows as soon as no later window touches them; resizing
 and the argmax work band by band as well (`resize_bands`, `argmax_bands`). With TTA every augmentation keeps its
-own rows of windows and its own resized copy of the photo.
+own rows of windows and its own resized copy of the photo. Before the first run, `segment` adds all this up
+(`segment_bytes`) and raises ResourceError if it exceeds `memory.max_memory()`.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 
-from .flops import attention_bytes
+from .flops import stage_sizes
 from .layers import _bilinear_taps, resize_bilinear, softmax
+from .memory import FLOAT32, check_memory
+from .model import SLIDE_HINT
 from .preprocessing import MMSEG_LONG_SIDE, load_image, mmseg_size, normalize, rescale_size, resize_image
 from .weights import SEMANTIC
 
 MODES = ("whole", "slide")
 RESIZE_MODES = ("hf", "mmseg", "none")
 TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug_test ratios, as in SegFormer's ADE evaluation
+MAX_TTA_SCALE = 8.0  # a bound for scale ratios: 8 x the paper's largest is still an image size, 1e300 is not
 BAND_ROWS = 32  # output rows finished at a time: (32, W, C) float32 blocks
-WHOLE_ATTENTION_LIMIT = 8 * 2**30  # attention scores + softmax a whole-image run may hold (B0 at 1024 x 2048: 2.1 GB)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,15 +81,19 @@ def working_size(image_size, resize: str, model_size, ratio: float = 1.0, mmseg_
     raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
 
 
+def window_count(size: int, crop: int, stride: int) -> int:
+    """mmseg's number of sliding windows along one axis: `max(size - crop + stride - 1, 0) // stride + 1`."""
+    return max(size - crop + stride - 1, 0) // stride + 1
+
+
 def window_spans(size: int, crop: int, stride: int) -> list[tuple[int, int]]:
-    """mmseg's sliding-window grid along one axis: `max(size - crop + stride - 1, 0) // stride + 1` windows, the
-    i-th spanning [max(min(i * stride + crop, size) - crop, 0), min(i * stride + crop, size)).
+    """mmseg's sliding-window grid along one axis: `window_count` windows, the i-th spanning
+    [max(min(i * stride + crop, size) - crop, 0), min(i * stride + crop, size)).
 
     So the last window is pushed back to end at the edge, and a crop larger than `size` gives one window: all of it.
     """
-    n = max(size - crop + stride - 1, 0) // stride + 1
     spans = []
-    for i in range(n):
+    for i in range(window_count(size, crop, stride)):
         end = min(i * stride + crop, size)
         spans.append((max(end - crop, 0), end))
     return spans
@@ -290,23 +298,56 @@ def _check_options(model, mode, resize, tta, scales):
     resize = ("hf" if mode == "whole" else "none") if resize is None else resize
     if resize not in RESIZE_MODES:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
-    ratios = (tuple(TTA_SCALES if scales is None else scales)) if tta else (1.0,)
-    if not ratios or any(not np.isfinite(r) or r <= 0 for r in ratios):
-        raise ValueError(f"TTA scales must be positive numbers, got {scales!r}")
-    return resize, ratios
+    return resize, check_scales(TTA_SCALES if scales is None else scales) if tta else (1.0,)
+
+
+def check_scales(scales) -> tuple[float, ...]:
+    """TTA scale ratios as a tuple of floats, each in (0, MAX_TTA_SCALE]; a ValueError otherwise (NaN, inf, 0,
+    1e300 -- whose image sizes no memory holds -- or no scales at all)."""
+    try:
+        ratios = tuple(float(r) for r in scales)
+    except (TypeError, ValueError):
+        raise ValueError(f"TTA scales must be a list of numbers, got {scales!r}") from None
+    if not ratios or not all(0 < r <= MAX_TTA_SCALE for r in ratios):  # NaN fails the comparison too
+        raise ValueError(f"TTA scales must be positive numbers up to {MAX_TTA_SCALE:g} (mmseg's are 0.5 to 1.75), "
+                         f"got {scales!r}")
+    return ratios
+
+
+def segment_bytes(model, size, sizes, runs_per_scale: int, mode: str, crop=None, stride=None,
+                  band_rows: int = BAND_ROWS) -> int:
+    """An estimate of `segment`'s peak memory in bytes: a photo of `size = (H, W)` worked on at `sizes` (one
+    `(h, w)` per TTA scale), each run `runs_per_scale` times (2: also mirrored). With C classes:
+
+        the photo and its class map        H W (3 + 8)          uint8 RGB, int64 ids
+        per scale: the resized photo       h w 3                its mirrored run shares it
+        per run, float32: the logits held  whole: the network's output, (h/4) (w/4) C; slide: the windows of
+                                           ceil(crop / stride) + 1 rows, each (crop/4)^2 C
+                          bands in flight  3 x band_rows W C    resized, softmax, running sum
+        one forward pass                   the largest whole image, or one crop window (`model.forward_bytes`)
+    """
+    h, w = size
+    classes = model.config.num_labels
+    total = h * w * (3 + 8)
+    for s in sizes:
+        total += s[0] * s[1] * 3
+        if mode == "whole":
+            held = classes * math.prod(stage_sizes(model.config, *s)[0])
+        else:
+            rows = -(-crop[0] // stride[0]) + 1
+            window = classes * math.prod(stage_sizes(model.config, *crop)[0])
+            held = min(rows, window_count(s[0], crop[0], stride[0])) * window_count(s[1], crop[1], stride[1]) * window
+        total += runs_per_scale * FLOAT32 * (held + 3 * band_rows * w * classes)
+    inputs = sizes if mode == "whole" else [crop]
+    return int(total + max(model.forward_bytes(1, *s) for s in inputs))
 
 
 def _check_sizes(model, mode, ratios, sizes, base, crop) -> None:
-    """Errors for working images the network cannot take: below its minimum, a crop larger than the image, or
-    (whole mode) attention scores too large to hold."""
+    """Errors for working images the network cannot take: below its minimum, or a crop larger than the image."""
     for r, s in zip(ratios, sizes):
         if min(s) < model.min_size:
             raise ValueError(f"at scale {r:g} the image would be {s[0]} x {s[1]}, smaller than the {model.min_size} "
                              f"x {model.min_size} pixels this model needs; leave that scale out")
-        need = 2 * attention_bytes(model.config, *s)  # the scores and their softmax
-        if mode == "whole" and need > WHOLE_ATTENTION_LIMIT:
-            raise ValueError(f"whole-image inference at {s[0]} x {s[1]} would hold {need / 1e9:.0f} GB of attention "
-                             "scores; use mode 'slide' (windows of the model's input size) or resize 'hf' / 'mmseg'")
     if mode == "slide" and (crop[0] > base[0] or crop[1] > base[1]):
         raise ValueError(f"the crop {crop[0]} x {crop[1]} is larger than the image ({base[0]} x {base[1]} at the "
                          "working resolution); use a smaller crop or mode 'whole'")
@@ -336,7 +377,12 @@ def segment(image, model, mode: str = "whole", crop=None, stride=None, resize: s
     if mode == "slide":
         crop, stride = slide_geometry(model, crop, stride)
     _check_sizes(model, mode, ratios, sizes, working_size(size, resize, model.image_size, 1.0, mmseg_scale), crop)
-    runs = [len(window_spans(s[0], crop[0], stride[0])) * len(window_spans(s[1], crop[1], stride[1]))
+    need = segment_bytes(model, size, sizes, len(flips), mode, crop, stride, band_rows)
+    largest = max(sizes, key=lambda s: s[0] * s[1])
+    check_memory(need, f"segmenting a {size[0]} x {size[1]} image ({mode} mode, {len(sizes) * len(flips)} "
+                 f"pass(es), the largest at {largest[0]} x {largest[1]})",
+                 SLIDE_HINT if mode == "whole" else "use fewer or smaller TTA scales, or a smaller image")
+    runs = [window_count(s[0], crop[0], stride[0]) * window_count(s[1], crop[1], stride[1])
             if mode == "slide" else 1 for s in sizes] * len(flips)
     counter = _run_counter(sum(runs), progress)
     streams = []

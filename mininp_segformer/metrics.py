@@ -24,7 +24,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from .errors import ImageError
+from .preprocessing import open_image_file
 
 
 def reduce_zero_label(label, ignore_index: int = 255) -> np.ndarray:
@@ -37,15 +39,11 @@ def reduce_zero_label(label, ignore_index: int = 255) -> np.ndarray:
 
 def read_label_map(path) -> np.ndarray:
     """A label map saved as an image (mode "P", "L", "I;16" or "I" PNG): its pixel values, `(H, W)` int64."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("P", "L", "I;16", "I;16L", "I;16B", "I"):
-                raise ValueError(f"{path} is a mode {img.mode!r} image, not a label map (expected a palette or "
-                                 "grayscale PNG holding class ids)")
-            return np.asarray(img).astype(np.int64)
-    except (OSError, SyntaxError) as e:
-        raise ValueError(f"{path} is not a readable label map ({e})") from None
+    with open_image_file(path) as img:  # refuses FIFOs, decompression bombs, undecodable files
+        if img.mode not in ("P", "L", "I;16", "I;16L", "I;16B", "I"):
+            raise ImageError(f"{path} is a mode {img.mode!r} image, not a label map (expected a palette or "
+                             "grayscale PNG holding class ids)")
+        return np.asarray(img).astype(np.int64)
 
 
 def check_label_map(x, what: str = "a label map") -> np.ndarray:

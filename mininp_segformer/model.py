@@ -16,11 +16,14 @@ from .config import SegformerConfig
 from .decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
 from .encoder import mix_transformer
 from .layers import conv_output_size
+from .memory import check_memory, estimate_forward_bytes
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head,
                       load_checkpoint, unflatten)
 
 DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
+SLIDE_HINT = ("segment large images in windows instead: inference.segment(image, model, mode='slide') (command "
+              "line: --mode slide), or resize them down")
 
 
 @dataclass
@@ -87,7 +90,18 @@ class Segformer:
     def id2label(self) -> dict[int, str]:
         return self.config.id2label
 
-    def _check_pixel_values(self, pixel_values) -> np.ndarray:
+    def forward_bytes(self, batch: int, height: int, width: int, output_attentions: bool = False) -> int:
+        """`memory.estimate_forward_bytes` of a forward pass of this model on `(batch, C, height, width)`."""
+        decoder = self.decoder if self.head == SEMANTIC else None
+        return estimate_forward_bytes(self.config, batch, height, width, decoder, output_attentions)
+
+    def check_forward(self, batch: int, height: int, width: int, output_attentions: bool = False) -> None:
+        """A ResourceError, before anything is allocated, if that forward pass would need more memory than
+        `memory.max_memory()` allows."""
+        check_memory(self.forward_bytes(batch, height, width, output_attentions),
+                     f"a forward pass on {batch} x {height} x {width} pixel values", SLIDE_HINT)
+
+    def _check_pixel_values(self, pixel_values, output_attentions: bool = False) -> np.ndarray:
         if not isinstance(pixel_values, np.ndarray):
             raise TypeError(f"pixel_values must be a NumPy array (B, C, H, W); got {type(pixel_values).__name__}. "
                             "For images use mininp_segformer.preprocess(image) or predict(image)")
@@ -111,6 +125,7 @@ class Segformer:
                 f"pixel_values of {h} x {w} are too small: this model needs at least {self.min_size} x "
                 f"{self.min_size} (its spatial-reduction convs need one full window). Resize the input up."
             )
+        self.check_forward(x.shape[0], h, w, output_attentions)
         x = x.astype(np.float32, copy=False)
         if not np.isfinite(x).all():
             raise ValueError("pixel_values contain NaN or inf; check the image and the preprocessing")
@@ -118,7 +133,7 @@ class Segformer:
 
     def __call__(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
         """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes)."""
-        x = self._check_pixel_values(pixel_values)
+        x = self._check_pixel_values(pixel_values, output_attentions)
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
         stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config,
                                              output_attentions)
@@ -185,5 +200,6 @@ def predict(image, model=None) -> np.ndarray:
     if model.head != SEMANTIC:
         raise ValueError(f"predict() needs a segmentation checkpoint; this one is {model.head}")
     rgb = load_image(image)
+    model.check_forward(1, *model.image_size)  # before preprocess allocates the resized image
     logits = model(preprocess(rgb, size=model.image_size)).logits
     return postprocess(logits, target_sizes=[rgb.shape[:2]])[0]

@@ -12,37 +12,103 @@ SegFormer's own evaluation used (mininp_segformer.inference selects between the 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from . import kernels
 from .errors import ImageError
 from .layers import _bilinear_taps, resize_bilinear
+from .memory import check_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RESCALE_FACTOR = 1 / 255  # HF's preprocessor_config: 0.00392156862745098
 DEFAULT_SIZE = (512, 512)
+# What Pillow's decoders raise on damaged or hostile data (besides DecompressionBombError): OSError for truncated
+# or undecodable files (UnidentifiedImageError is one), ValueError for limits such as PngImagePlugin.MAX_TEXT_CHUNK
+# (a zTXt / iTXt chunk that inflates past 1 MB), SyntaxError / struct.error / EOFError / IndexError from parsers.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, struct.error, EOFError, IndexError)
 
 
+def _too_large(path: Path, detail: str) -> ImageError:
+    return ImageError(
+        f"{path} is {detail}, more than the limit of {Image.MAX_IMAGE_PIXELS:,} pixels (PIL.Image.MAX_IMAGE_PIXELS, "
+        "Pillow's guard against decompression bombs). If you trust this image, raise the limit: --max-pixels N "
+        "on the command line, or PIL.Image.MAX_IMAGE_PIXELS = N in Python"
+    )
+
+
+@contextlib.contextmanager
+def open_image_file(path):
+    """Open an image file and decode it, refusing -- with an ImageError naming the file -- what would hang or
+    exhaust memory: a FIFO, device or socket (reading one waits forever), an image of more than
+    `PIL.Image.MAX_IMAGE_PIXELS` pixels (89,478,485 by default; None: no limit), a text chunk that inflates past
+    Pillow's `PngImagePlugin.MAX_TEXT_CHUNK`, and anything Pillow cannot decode. Yields the loaded PIL image;
+    Pillow's errors in the caller's block (e.g. while applying the EXIF rotation) are reported the same way.
+    """
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError(f"image file {path} does not exist") from None
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e.strerror or e}") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError(f"{path} is a directory, not an image file")
+    if not stat.S_ISREG(mode):
+        raise ImageError(f"{path} is not a regular file (a FIFO, device or socket, whose reading may never end); "
+                         "pass an image file")
+    try:
+        with warnings.catch_warnings():  # Pillow only warns between 1x and 2x its limit; we refuse below
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            pixels = img.size[0] * img.size[1]
+            if Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS:
+                raise _too_large(path, f"{img.size[0]} x {img.size[1]} = {pixels:,} pixels")
+            img.load()
+            yield img
+    except Image.DecompressionBombError:  # above twice its limit Pillow refuses to open the file at all
+        raise _too_large(path, f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
+    except ImageError:
+        raise
+    except DECODE_ERRORS as e:
+        raise ImageError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or other format Pillow reads") \
+            from None
+
+
+def _gray_range(img: Image.Image, a: np.ndarray) -> float:
+    """The white level of a 16-bit or 32-bit grayscale image: 65535 for the I;16 modes; for mode "I" (signed
+    32-bit) the smallest of 255, 65535 (Pillow opens some 16-bit files as "I") and 2**31 - 1 that holds the data."""
+    if img.mode == "F":
+        raise ImageError("float (mode F) images have no defined range; convert them to 8-bit RGB first")
+    if img.mode.startswith("I;16"):
+        return 65535.0
+    if a.size and a.min() < 0:
+        raise ImageError(f"a 32-bit (mode I) image with negative values ({a.min():.0f}) has no defined range; "
+                         "convert it to 8-bit RGB first")
+    top = a.max() if a.size else 0
+    return next(white for white in (255.0, 65535.0, 2.0**31 - 1) if top <= white)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB, explicitly.
 
     Transparent images are composited onto white first (what HF's `convert_to_rgb` does); 16-bit and 32-bit
-    grayscale are scaled to 0..255 by their full range (PIL's own convert would clip them at 255).
+    grayscale are scaled to 0..255 by their full range, see `_gray_range` (PIL's own convert would clip at 255).
     """
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if img.mode == "F":
-            raise ImageError("float (mode F) images have no defined range; convert them to 8-bit RGB first")
-        gray = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        gray = np.clip(np.round(a * (255.0 / _gray_range(img, a))), 0, 255).astype(np.uint8)
         return Image.fromarray(np.stack([gray] * 3, axis=-1))
     if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -77,17 +143,9 @@ def _array_to_rgb(a: np.ndarray) -> np.ndarray:
 def load_image(image) -> np.ndarray:
     """A path, a PIL image or an array -> the `(H, W, 3)` uint8 RGB array the model sees."""
     if isinstance(image, (str, Path)):
-        path = Path(image)
-        if not path.exists():
-            raise ImageError(f"image file {path} does not exist")
-        if path.is_dir():
-            raise ImageError(f"{path} is a directory, not an image file")
-        try:
-            with Image.open(path) as img:
-                # Camera photos store their rotation in EXIF; apply it, as transformers' load_image does.
-                image = _to_rgb(ImageOps.exif_transpose(img))
-        except (UnidentifiedImageError, OSError) as e:
-            raise ImageError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or other format Pillow reads")
+        with open_image_file(image) as img:
+            # Camera photos store their rotation in EXIF; apply it, as transformers' load_image does.
+            image = _to_rgb(ImageOps.exif_transpose(img))
     if isinstance(image, Image.Image):
         a = np.asarray(_to_rgb(image))
     elif isinstance(image, np.ndarray):
@@ -130,6 +188,10 @@ def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
     if len(images) == 0:
         raise ImageError("no images given")
     h, w = _as_size(size)
+    # bytes per pixel: 2 x 12 per image (3 float32 channels, in the list and in the stack) + one image's float64
+    # rescale in `normalize` (2 x 24)
+    check_memory((24 * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
+                 "choose a smaller size")
     return np.stack([normalize(resize_image(load_image(image), (h, w)), mean, std) for image in images])
 
 

@@ -37,22 +37,40 @@ def dataset_palettes() -> dict[str, dict]:
     return json.loads(PALETTES_JSON.read_text(encoding="utf-8"))["palettes"]
 
 
+GOLDEN_STEPS = 6144  # golden-angle hues tried: by step 5,777 the rounded colours repeat (2,755 of them, then none new)
+RGB_CODES = 2**24  # colours of the 8-bit RGB cube, as codes 0xRRGGBB
+SCRAMBLE = 10368889  # round(2**24 / golden ratio), odd: k -> k * SCRAMBLE mod 2**24 visits every code once
+
+
 def distinct_palette(n: int) -> np.ndarray:
     """`(n, 3)` uint8 of n different colours, the same for every call: black for class 0 (usually "background"),
     then hues a golden angle apart, cycling through three saturation/brightness levels, so that neighbouring class
-    ids get unlike colours."""
-    if n < 1:
-        raise ValueError(f"a palette needs at least one colour, got n={n}")
-    colours, seen, i = [(0, 0, 0)], {(0, 0, 0)}, 0
-    while len(colours) < n:
+    ids get unlike colours. Those give 2,755 colours; the rest (up to all 2**24) are the unused colours of the RGB
+    cube in a fixed scrambled order (codes k * SCRAMBLE mod 2**24)."""
+    if n < 1 or n > RGB_CODES:
+        raise ValueError(f"a palette holds 1 to {RGB_CODES:,} different colours, got n={n}")
+    colours, seen = [(0, 0, 0)], {(0, 0, 0)}
+    for i in range(GOLDEN_STEPS):
+        if len(colours) == n:
+            break
         hue = (i * 0.618033988749895) % 1.0
         sat, val = ((0.75, 0.95), (0.95, 0.70), (0.50, 0.85))[i % 3]
         rgb = tuple(int(round(c * 255)) for c in colorsys.hsv_to_rgb(hue, sat, val))
-        if rgb not in seen:  # quantization can repeat a colour once n is in the thousands
+        if rgb not in seen:  # quantization repeats colours once n is in the thousands
             seen.add(rgb)
             colours.append(rgb)
-        i += 1
-    return np.array(colours, dtype=np.uint8)
+    palette = np.array(colours, dtype=np.uint8)
+    used = (palette.astype(np.int64) << [16, 8, 0]).sum(axis=1)  # as 0xRRGGBB codes
+    extra, missing, start = [], n - len(palette), 0
+    while missing:  # 2**16 codes at a time; n <= 2**24 ends the loop by the last code
+        codes = np.arange(start, start + 2**16, dtype=np.int64) * SCRAMBLE % RGB_CODES
+        extra.append(codes[~np.isin(codes, used)][:missing])
+        missing -= len(extra[-1])
+        start += 2**16
+    if extra:
+        codes = np.concatenate(extra)
+        palette = np.concatenate([palette, ((codes[:, None] >> [16, 8, 0]) & 255).astype(np.uint8)])
+    return palette
 
 
 def palette_for(labels) -> np.ndarray:

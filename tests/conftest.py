@@ -300,3 +300,12 @@ def shared_dir() -> Path:
         pytest.fail(f"../shared is required in CI: {SHARED_DIR} (with images/) was not found beside the repo")
     pytest.skip(f"{SHARED_DIR} not found: the photo parity tests read ../shared/images/ (clone the repo beside "
                 "shared/ to run them)")
+
+
+@pytest.fixture()
+def memory_limit():
+    """`memory.set_max_memory` for one test (e.g. `memory_limit("8G")`), back to the default after it."""
+    from mininp_segformer import memory
+
+    yield memory.set_max_memory
+    memory.set_max_memory(None)

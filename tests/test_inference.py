@@ -176,7 +176,7 @@ def test_progress_counts_network_runs(model, photo):
     assert calls == [(i, n) for i in range(1, n + 1)]
 
 
-def test_bad_options(model, photo):
+def test_bad_options(model, photo, memory_limit):
     with pytest.raises(ValueError, match="stride 64 x 64 is larger than the crop 48 x 48"):
         inf.segment(photo, model, mode="slide", crop=48, stride=64)
     with pytest.raises(ValueError, match="stride must be at least 1"):
@@ -193,7 +193,10 @@ def test_bad_options(model, photo):
         inf.segment(photo, model, tta=True, scales=[1.0, 0.0])
     with pytest.raises(ValueError, match="at scale 0.1 the image would be 6 x 6"):
         inf.segment(photo, model, tta=True, scales=[0.1])
-    with pytest.raises(ValueError, match="at 4000 x 6000 would hold 280 GB of attention scores; use mode 'slide'"):
+    memory_limit("8G")
+    with pytest.raises(ms.ResourceError, match=r"segmenting a 4000 x 6000 image \(whole mode, 1 pass\(es\), the "
+                       r"largest at 4000 x 6000\) would need about [\d.]+ GiB of memory, more than the limit of 8.0 "
+                       r"GiB; segment large images in windows instead: .*mode='slide'"):
         inf.segment(np.zeros((4000, 6000, 3), dtype=np.uint8), model, resize="none")
     config = ms.variant_config("b0", num_labels=3)
     classifier = ms.Segformer(config, random_state_dict(config, CLASSIFICATION, seed=0), head=CLASSIFICATION)
