@@ -47,6 +47,7 @@ class Segformer:
 
     def __init__(self, config: SegformerConfig, state_dict: dict[str, np.ndarray], head: str | None = None,
                  image_size: tuple[int, int] = (512, 512), decoder: str = "fused"):
+        config.validate()  # a config built in code has not been checked yet; its sizes bound what is built next
         self.config = config
         self.head = head or detect_head(state_dict, config)
         check_state_dict(state_dict, config, self.head)
