@@ -234,10 +234,10 @@ class SegformerConfig:
             raise ConfigError(f"architectures must be a list of class names, got {show_value(self.architectures)}")
         if not isinstance(self.id2label, dict):
             raise ConfigError(f"id2label must map class ids to names, got {show_value(self.id2label)}")
-        n = check_int("the number of labels in id2label", len(self.id2label), *INT_RANGES["num_labels"])
-        odd = [k for k in self.id2label if isinstance(k, bool) or k not in range(n)]
+        labels = check_int("the number of labels in id2label", len(self.id2label), *INT_RANGES["num_labels"])
+        odd = [k for k in self.id2label if isinstance(k, bool) or k not in range(labels)]
         if odd:  # n distinct keys, all in 0..n-1: exactly the class ids
-            raise ConfigError(f"id2label keys must be the class ids 0..{n - 1}, got {show_value(odd[0])}")
+            raise ConfigError(f"id2label keys must be the class ids 0..{labels - 1}, got {show_value(odd[0])}")
         odd = [(k, v) for k, v in self.id2label.items() if not isinstance(v, str)]
         if odd:
             raise ConfigError(f"id2label names must be strings, got {odd[0][0]}: {show_value(odd[0][1])}")

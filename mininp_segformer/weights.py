@@ -219,7 +219,7 @@ def _validate(header: dict, data_size: int) -> list[tuple[str, str, tuple[int, .
                              f"{start}: it {problem} (tensors must lie back to back)")
         start = end
     if start > data_size:
-        raise ValueError(f"it is truncated: its tensors need {start:,} bytes of data but it holds {data_size:,}")
+        raise ValueError(f"its tensors need {start:,} bytes of data but the file holds {data_size:,} (it is truncated)")
     if start < data_size:
         raise ValueError(f"it holds {data_size - start:,} bytes after its last tensor, which no tensor accounts for")
     return [(name, dtype, shape) for _, _, dtype, shape, name in entries]
