@@ -97,8 +97,8 @@ def count_macs(config: SegformerConfig, height: int, width: int, decoder: str | 
         raise ValueError(f"decoder must be 'fused', 'literal' or None, got {decoder!r}")
     smallest = min_input_size(config)
     if min(height, width) < smallest:
-        raise ImageError(f"an input of {height} x {width} is smaller than this model's minimum, {smallest} x {smallest} "
-                         "(each spatial-reduction conv needs one full window); count a larger size")
+        raise ImageError(f"an input of {height} x {width} is smaller than this model's minimum, {smallest} x "
+                         f"{smallest} (each spatial-reduction conv needs one full window); count a larger size")
     sizes = stage_sizes(config, height, width)
     macs = _encoder_macs(config, sizes)
     if decoder is not None:

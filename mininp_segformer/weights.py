@@ -318,7 +318,8 @@ def check_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head
     if not_finite:
         msg += listing("not finite", not_finite)
     if mismatch:
-        msg += "\n  Check that config.json and model.safetensors come from the same model (same variant and num_labels)."
+        msg += ("\n  Check that config.json and model.safetensors come from the same model (same variant and "
+                "num_labels).")
     if not_finite:
         msg += ("\n  NaN or inf weights make every output meaningless (a diverged training run or a damaged file): "
                 "re-download or re-export the weights.")

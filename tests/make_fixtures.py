@@ -47,8 +47,8 @@ except Exception:  # pragma: no cover - only while the package is being written
     sys.modules["mininp_segformer"] = _pkg
 
 from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
-from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, read_safetensors, to_transformers5_name,  # noqa: E402
-                                      random_state_dict, save_checkpoint)
+from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, random_state_dict,  # noqa: E402
+                                      read_safetensors, save_checkpoint, to_transformers5_name)
 from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
                             perturbed_ade_prediction, random_logits, random_pixel_values,
                             random_segmentation_pair, smooth_image, state_digest)
