@@ -358,6 +358,7 @@ def _describe_model(name: str, revision: str):
 
 
 def cmd_info(args) -> int:
+    from .errors import ImageError
     from .flops import count_macs, summarize
     from .weights import SEMANTIC
 
@@ -377,7 +378,10 @@ def cmd_info(args) -> int:
     ]
     decoders = ("fused", "literal") if head == SEMANTIC else (None,)
     for decoder in decoders:
-        macs = count_macs(config, h, w, decoder=decoder)
+        try:
+            macs = count_macs(config, h, w, decoder=decoder)
+        except ImageError as e:  # --size below the model's minimum input
+            raise UsageError(f"--size {h} {w}: {e}") from None
         s = summarize(macs)
         label = f"{decoder} decoder" if decoder else "encoder only"
         lines.append(f"MACs at {h} x {w} ({label}): {s['total'] / 1e9:.3f} G (encoder {s['encoder'] / 1e9:.3f} G, "

@@ -21,6 +21,7 @@ bilinear upsampling.
 from __future__ import annotations
 
 from .config import SegformerConfig
+from .errors import ImageError
 from .layers import conv_output_size
 
 
@@ -37,6 +38,26 @@ def reduced_tokens(height: int, width: int, sr_ratio: int) -> int:
     """N_r: the keys (and values) of a height x width token map after the R x R stride-R spatial reduction."""
     r = sr_ratio
     return conv_output_size(height, r, r, 0) * conv_output_size(width, r, r, 0) if r > 1 else height * width
+
+
+def min_input_size(config: SegformerConfig) -> int:
+    """The smallest height (or width) the encoder accepts: every spatial-reduction conv needs at least one
+    window, i.e. each stage's size must be >= its sr_ratio (B0..B5: 29 pixels, set by stage 1's 8 x 8 reduction).
+
+    Stage sizes never shrink as the input grows, so doubling finds a size that fits and bisection the smallest:
+    ~2 log2(answer) calls of `stage_sizes`, whatever the strides (a linear search would never end on absurd ones).
+    """
+    def fits(n: int) -> bool:
+        return all(h >= max(r, 1) for (h, _), r in zip(stage_sizes(config, n, n), config.sr_ratios))
+
+    high = 1
+    while not fits(high):
+        high *= 2
+    low = high // 2  # does not fit (or is 0); high fits
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+    return high
 
 
 def _encoder_macs(config: SegformerConfig, sizes) -> dict[str, int]:
@@ -80,8 +101,10 @@ def count_macs(config: SegformerConfig, height: int, width: int, decoder: str | 
     """
     if decoder not in ("fused", "literal", None):
         raise ValueError(f"decoder must be 'fused', 'literal' or None, got {decoder!r}")
-    if height < 1 or width < 1:
-        raise ValueError(f"height and width must be positive, got {height} x {width}")
+    smallest = min_input_size(config)
+    if min(height, width) < smallest:
+        raise ImageError(f"an input of {height} x {width} is smaller than this model's minimum, {smallest} x "
+                         f"{smallest} (each spatial-reduction conv needs one full window); count a larger size")
     sizes = stage_sizes(config, height, width)
     macs = _encoder_macs(config, sizes)
     if decoder is not None:

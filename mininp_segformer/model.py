@@ -6,16 +6,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import SegformerConfig
+from .config import SegformerConfig, check_int, read_json, show_value
 from .decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
 from .encoder import mix_transformer
-from .layers import conv_output_size
+from .errors import ConfigError
+from .flops import min_input_size
 from .memory import check_memory, estimate_forward_bytes
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head,
@@ -44,26 +44,13 @@ class SegformerOutput:
     attentions: tuple[np.ndarray, ...] | None = None
 
 
-def min_input_size(config: SegformerConfig) -> int:
-    """The smallest height (or width) the encoder accepts: every spatial-reduction conv needs at least one
-    window, i.e. each stage's size must be >= its sr_ratio (B0..B5: 29 pixels, set by stage 1's 8 x 8 reduction)."""
-    n = 1
-    while True:
-        size, ok = n, True
-        for k, s, r in zip(config.patch_sizes, config.strides, config.sr_ratios):
-            size = conv_output_size(size, k, s, k // 2)
-            ok &= size >= max(r, 1)
-        if ok:
-            return n
-        n += 1
-
-
 class Segformer:
     """SegFormer with the head its checkpoint has: the all-MLP decoder (SegformerForSemanticSegmentation), a
     linear classifier (SegformerForImageClassification) or none (SegformerModel)."""
 
     def __init__(self, config: SegformerConfig, state_dict: dict[str, np.ndarray], head: str | None = None,
                  image_size: tuple[int, int] = (512, 512), decoder: str = "fused"):
+        config.validate()  # a config built in code has not been checked yet; its sizes bound what is built next
         self.config = config
         self.head = head or detect_head(state_dict, config)
         check_state_dict(state_dict, config, self.head)
@@ -162,22 +149,37 @@ class Segformer:
         )
 
 
-def _image_size(directory: Path) -> tuple[int, int]:
-    """The input size from `preprocessor_config.json` (HF's default 512 x 512 when there is none)."""
+# preprocessor_config.json's `size`, as HF's SegformerImageProcessor reads it (get_size_dict, then resize): an
+# integer (square), [height, width] or {"height": H, "width": W}; 512 x 512 when absent. Other forms HF knows
+# ({"shortest_edge": ...}) pass get_size_dict but SegFormer's resize() rejects them, and so do we.
+DEFAULT_IMAGE_SIZE = (512, 512)
+MAX_IMAGE_SIDE = 8192  # the published checkpoints use 512, 640 and 1024
+
+
+def _image_size(directory: Path, min_size: int) -> tuple[int, int]:
+    """The input size from `preprocessor_config.json` (checked: a ConfigError names the file and the value)."""
     path = directory / PREPROCESSOR_NAME
-    if not path.exists():
-        return (512, 512)
     try:
-        size = json.loads(path.read_text(encoding="utf-8")).get("size", {})
-    except json.JSONDecodeError:
-        raise ValueError(f"{path} is not valid JSON; re-download it or delete it to use 512 x 512") from None
-    if isinstance(size, int):
-        return (size, size)
-    if "height" in size and "width" in size:
-        return (int(size["height"]), int(size["width"]))
-    if "shortest_edge" in size:
-        return (int(size["shortest_edge"]),) * 2
-    return (512, 512)
+        processor = read_json(path)
+    except FileNotFoundError:
+        return DEFAULT_IMAGE_SIZE
+    if not isinstance(processor, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {show_value(processor)}")
+    size = processor.get("size")
+    if size is None:
+        return DEFAULT_IMAGE_SIZE
+    if isinstance(size, dict) and set(size) == {"height", "width"}:
+        size = [size["height"], size["width"]]
+    elif isinstance(size, int) and not isinstance(size, bool):
+        size = [size, size]
+    if not (isinstance(size, list) and len(size) == 2):
+        raise ConfigError(f'{path}: size {show_value(size)} is not a size SegFormer\'s image processor accepts: write '
+                          '{"height": H, "width": W}, [H, W] or one integer (square)')
+    try:
+        h, w = (check_int(f"size ({side})", v, min_size, MAX_IMAGE_SIDE) for side, v in zip(("height", "width"), size))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e} (this model's minimum input is {min_size} pixels)") from None
+    return (h, w)
 
 
 def load(name_or_path, revision: str = "main") -> Segformer:
@@ -187,7 +189,8 @@ def load(name_or_path, revision: str = "main") -> Segformer:
 
     directory = resolve(name_or_path, revision=revision)
     config, head, state = load_checkpoint(directory)
-    return Segformer(config, state, head=head, image_size=_image_size(directory))
+    image_size = _image_size(directory, min_input_size(config))
+    return Segformer(config, state, head=head, image_size=image_size)
 
 
 def predict(image, model=None) -> np.ndarray:

@@ -4,21 +4,23 @@ Tensors keep the Hub's on-disk key names (`segformer.encoder.block.S.B.attention
 transformers 4.x and 5.x both read and write. `expected_shapes` spells out every key a checkpoint must hold, so a
 load is strict: missing, unexpected and mis-shaped tensors are all reported together in one error.
 
-The header of a safetensors file is validated here before the `safetensors` package reads it, so a truncated or
-corrupt file gets a message that says what is wrong, and bf16 tensors (which NumPy cannot represent) are widened
-to float32 from their raw bytes. Nothing is ever unpickled.
+A safetensors file is read here, by one path for every dtype: its header is checked with the rules of safetensors'
+own validator (and a far smaller size limit) before a byte of tensor data is read, so a truncated, corrupt or
+crafted file gets a message that says what is wrong; then each tensor is read from its own bytes, and float16 and
+bfloat16 (which NumPy cannot represent) are widened to float32. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from .config import SegformerConfig
+from .config import SegformerConfig, open_regular_file
 from .errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
@@ -30,11 +32,16 @@ SEMANTIC = "SegformerForSemanticSegmentation"
 CLASSIFICATION = "SegformerForImageClassification"
 BACKBONE = "SegformerModel"
 
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": None,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
+# safetensors allows a 100 MB header; a SegFormer-B5 header is ~150 KB. 8 MiB rejects a header built to exhaust
+# time and memory (100 MB: 40 s and 2.8 GB to parse) before it is read, and leaves room for 50 times the largest
+# real one.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+# safetensors dtype -> how its bytes are read (little-endian). NumPy has no bfloat16: its 16 bits are read as uint16
+# and widened by `_as_float32`. (The 8-bit float formats are refused: no SegFormer checkpoint uses them.)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
+_ITEMSIZE = {name: np.dtype(code).itemsize for name, code in _DTYPES.items()}
+_USIZE = 2**64  # safetensors' shapes and offsets are Rust usize: larger values overflow its validator
 
 
 def expected_shapes(config: SegformerConfig, head: str = SEMANTIC) -> dict[str, tuple[int, ...]]:
@@ -140,74 +147,122 @@ to_hub_name.__doc__ = "A transformers-5 in-memory key (or a Hub key, unchanged) 
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    """Parse and sanity-check a safetensors header; returns (header, offset of the data section)."""
-    size = path.stat().st_size
-    fix = f"re-download or re-export {path.name}"
-    if size < 8:
-        raise CheckpointError(f"{path} is {'empty' if size == 0 else 'truncated'} ({size} bytes): {fix}")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > _MAX_HEADER_BYTES or n > size - 8:
-            raise CheckpointError(
-                f"{path} is not a valid safetensors file: its header claims {n} bytes but the file has {size}; {fix}"
-            )
-        raw = f.read(n)
+def _no_duplicate_keys(pairs):
+    """json.loads hook: a key given twice would let two readers see two different tensors under one name."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice[:80]!r} appears twice")
+    return out
+
+
+def _parse_header(raw: bytes) -> dict:
+    """The header bytes as a JSON object, checked as safetensors does: UTF-8, starts with "{", valid JSON."""
+    if not raw.startswith(b"{"):
+        raise ValueError("its header does not start with '{'")
     try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError):
-        raise CheckpointError(f"{path} is not a valid safetensors file (its header is not JSON); {fix}") from None
-    data_start = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: header entry {name!r} is malformed; {fix}") from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-        itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
-        if not (0 <= begin <= end and end - begin == int(np.prod(shape, dtype=np.int64)) * itemsize):
-            raise CheckpointError(f"{path}: tensor {name!r} has data offsets that do not match its shape; {fix}")
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}; {fix}"
-            )
-    return header, data_start
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"its header is not UTF-8 (byte {e.start})") from None
+    except RecursionError:
+        raise ValueError("its header nests too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header
+
+
+def _tensor_entry(name: str, info) -> tuple[int, int, str, tuple[int, ...]]:
+    """(begin, end, dtype, shape) of one header entry, checked as safetensors' TensorInfo and validate() do:
+    a known dtype, non-negative integer dims and offsets, byte size == dtype size x prod(shape)."""
+    def count(x):
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < _USIZE
+
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= set(info)):
+        raise ValueError(f"tensor {name!r} needs dtype, shape and data_offsets, got {str(info)[:80]}")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor {name!r} has unsupported dtype {str(dtype)[:20]!r}")
+    if not (isinstance(shape, list) and all(count(d) for d in shape)):
+        raise ValueError(f"tensor {name!r} has shape {str(shape)[:80]}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(count(o) for o in offsets)):
+        raise ValueError(f"tensor {name!r} has data_offsets {str(offsets)[:80]}, not [begin, end]")
+    begin, end = offsets
+    nbytes = _ITEMSIZE[dtype]
+    for d in shape:  # safetensors' checked_mul: stop at the first overflow, never build a huge integer
+        nbytes *= d
+        if nbytes >= _USIZE:
+            raise ValueError(f"tensor {name!r}: shape {shape} overflows")
+    if end < begin or end - begin != nbytes:
+        raise ValueError(f"tensor {name!r} has data_offsets [{begin}, {end}] but its {dtype} shape {shape} needs "
+                         f"{nbytes} bytes")
+    return begin, end, dtype, tuple(shape)
+
+
+def _validate(header: dict, data_size: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Check a parsed header against a data section of `data_size` bytes with the rules of safetensors' validator
+    (safetensors/src/tensor.rs, Metadata::validate and read_metadata): `__metadata__` a map of string to string;
+    every tensor well formed (`_tensor_entry`); sorted by offset, the tensors lie back to back from byte 0 --
+    no gap, no overlap -- and the last ends exactly at the end of the file.
+    Returns (name, dtype, shape) in file order."""
+    meta = header.pop("__metadata__", None)  # safetensors reads it as Option<HashMap<String, String>>
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ValueError(f"its __metadata__ must map strings to strings, got {str(meta)[:80]}")
+    entries = sorted((*_tensor_entry(name, info), name) for name, info in header.items())
+    start = 0
+    for begin, end, _, _, name in entries:
+        if begin != start:
+            problem = "overlaps the tensor before it" if begin < start else f"leaves a gap of {begin - start} bytes"
+            raise ValueError(f"tensor {name!r} starts at byte {begin} of the data, where the previous tensor ends at "
+                             f"{start}: it {problem} (tensors must lie back to back)")
+        start = end
+    if start > data_size:
+        raise ValueError(f"its tensors need {start:,} bytes of data but the file holds {data_size:,} (it is truncated)")
+    if start < data_size:
+        raise ValueError(f"it holds {data_size - start:,} bytes after its last tensor, which no tensor accounts for")
+    return [(name, dtype, shape) for _, _, dtype, shape, name in entries]
+
+
+def _as_float32(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float16 / float64 -> float32; bfloat16 (read as uint16) -> float32 by putting its bits in the top half."""
+    if dtype == "BF16":
+        return (x.astype(np.uint32) << 16).view(np.float32)
+    return x.astype(np.float32) if dtype in ("F16", "F64") else x
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as NumPy arrays; float16/bfloat16 are upcast to float32."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """All tensors of a safetensors file as NumPy arrays; float16/bfloat16/float64 become float32.
 
+    One path for every dtype: the header is checked first (`_validate`), then each tensor is read from its own
+    bytes into a fresh array. A file that is not a regular file, too small, too large in its header, not JSON or
+    inconsistent raises a CheckpointError that names the file and the problem.
+    """
     path = Path(path)
-    header, data_start = _read_header(path)
-    bf16 = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "BF16"]
-    try:
-        if bf16:
-            # NumPy has no bfloat16: read the raw 16 bits and put them in the top half of a float32.
-            out = {}
-            with open(path, "rb") as f:
-                for k, v in header.items():
-                    if k == "__metadata__":
-                        continue
-                    begin, end = v["data_offsets"]
-                    f.seek(data_start + begin)
-                    buf = np.frombuffer(f.read(end - begin), dtype=_DTYPES[v["dtype"]] or "<u2")
-                    if v["dtype"] == "BF16":
-                        buf = (buf.astype(np.uint32) << 16).view(np.float32)
-                    out[k] = buf.reshape(v["shape"])
-        else:
-            out = load_file(str(path))
-    except SafetensorError as e:
-        raise CheckpointError(f"{path} could not be read as safetensors ({e}); re-download or re-export it") from None
-    for k, v in out.items():
-        if v.dtype in (np.float16, np.float64):
-            out[k] = v.astype(np.float32)
+    fix = f"re-download or re-export {path.name}"
+    with open_regular_file(path, CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise CheckpointError(f"{path} is {'empty' if size == 0 else 'truncated'} ({size} bytes): {fix}")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise CheckpointError(f"{path} is not a SegFormer safetensors file: its header claims {n:,} bytes, more "
+                                  f"than the {MAX_HEADER_BYTES:,} this reader accepts (real headers are < 1 MB); "
+                                  f"{fix}")
+        if n > size - 8:
+            raise CheckpointError(f"{path} is not a valid safetensors file: its header claims {n:,} bytes but the "
+                                  f"file has {size:,}; {fix}")
+        try:
+            tensors = _validate(_parse_header(f.read(n)), data_size=size - 8 - n)
+        except ValueError as e:
+            raise CheckpointError(f"{path} is not a valid safetensors file: {e}; {fix}") from None
+        out = {}
+        for name, dtype, shape in tensors:  # in file order: the data is read front to back, once
+            x = np.empty(shape, dtype=_DTYPES[dtype])
+            if f.readinto(x.reshape(-1).view(np.uint8)) != x.nbytes:
+                raise CheckpointError(f"{path} changed while it was read (tensor {name!r} is cut short); {fix}")
+            out[name] = _as_float32(x, dtype)
     return out
 
 
@@ -226,7 +281,8 @@ def detect_head(keys, config: SegformerConfig | None = None) -> str:
 
 
 def check_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head: str, source: str = "checkpoint"):
-    """Raise one CheckpointError listing every missing, unexpected and mis-shaped tensor (strict loading)."""
+    """Raise one CheckpointError listing every missing, unexpected, mis-shaped, non-float and non-finite (NaN, inf)
+    tensor (strict loading: NaN classifier weights would otherwise give class 0 everywhere, silently)."""
     expected = expected_shapes(config, head)
     present = {k for k in state if not k.endswith(_IGNORED_SUFFIXES)}
     missing = sorted(set(expected) - present)
@@ -237,14 +293,20 @@ def check_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head
         if tuple(state[k].shape) != expected[k]
     )
     not_float = sorted(k for k in set(expected) & present if state[k].dtype != np.float32)
-    if not (missing or unexpected or wrong or not_float):
+    not_finite = sorted(
+        f"{k}: {np.count_nonzero(~np.isfinite(state[k])):,} of {state[k].size:,} values are NaN or inf"
+        for k in set(expected) & present
+        if state[k].dtype.kind == "f" and not np.isfinite(state[k]).all()
+    )
+    mismatch = missing or unexpected or wrong or not_float
+    if not (mismatch or not_finite):
         return
 
     def listing(title, items, limit=12):
         more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
         return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(items[:limit]) + more
 
-    msg = f"{source} does not match its config ({head}):"
+    msg = f"{source} does not match its config ({head}):" if mismatch else f"{source} cannot be used ({head}):"
     if missing:
         msg += listing("missing", missing)
     if unexpected:
@@ -253,7 +315,14 @@ def check_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head
         msg += listing("wrong shape", wrong)
     if not_float:
         msg += listing("not floating point", not_float)
-    msg += "\n  Check that config.json and model.safetensors come from the same model (same variant and num_labels)."
+    if not_finite:
+        msg += listing("not finite", not_finite)
+    if mismatch:
+        msg += ("\n  Check that config.json and model.safetensors come from the same model (same variant and "
+                "num_labels).")
+    if not_finite:
+        msg += ("\n  NaN or inf weights make every output meaningless (a diverged training run or a damaged file): "
+                "re-download or re-export the weights.")
     raise CheckpointError(msg)
 
 

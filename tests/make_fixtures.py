@@ -47,8 +47,8 @@ except Exception:  # pragma: no cover - only while the package is being written
     sys.modules["mininp_segformer"] = _pkg
 
 from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
-from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, _read_header, to_transformers5_name,  # noqa: E402
-                                      random_state_dict, save_checkpoint)
+from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, random_state_dict,  # noqa: E402
+                                      read_safetensors, save_checkpoint, to_transformers5_name)
 from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
                             perturbed_ade_prediction, random_logits, random_pixel_values,
                             random_segmentation_pair, smooth_image, state_digest)
@@ -122,9 +122,7 @@ def hf_model(config: SegformerConfig, head: str, state: dict):
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, config, state)
         # 1. what save_checkpoint wrote is exactly the state (names, shapes, dtypes)
-        header, _ = _read_header(Path(tmp) / "model.safetensors")
-        header.pop("__metadata__", None)
-        on_disk = {k: tuple(v["shape"]) for k, v in header.items()}
+        on_disk = {k: v.shape for k, v in read_safetensors(Path(tmp) / "model.safetensors").items()}
         wanted = {k: tuple(v.shape) for k, v in state.items()}
         if on_disk != wanted:
             diff = sorted(f"{k}: disk {on_disk.get(k)} vs state {wanted.get(k)}"

@@ -10,6 +10,7 @@ import mininp_segformer as ms
 from mininp_segformer.config import variant_config
 from mininp_segformer.weights import (CLASSIFICATION, SEMANTIC, CheckpointError, expected_shapes, load_checkpoint,
                                       random_state_dict, save_checkpoint)
+from tests.tiny_checkpoint import safetensors_parts, write_safetensors
 
 CONFIG = variant_config("b0", num_labels=5)
 X = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
@@ -49,15 +50,7 @@ def test_half_precision_checkpoints_are_upcast(tmp_path, state, dtype):
     if dtype == "bf16":
         # NumPy has no bfloat16: write the file by hand, each float32 truncated to its top 16 bits.
         save_checkpoint(tmp_path, CONFIG, state)
-        header, chunks, offset = {}, [], 0
-        for k, v in state.items():
-            data = (v.view(np.uint32) >> 16).astype("<u2").tobytes() if v.dtype == np.float32 else v.tobytes()
-            header[k] = {"dtype": "BF16" if v.dtype == np.float32 else "I64", "shape": list(v.shape),
-                         "data_offsets": [offset, offset + len(data)]}
-            chunks.append(data)
-            offset += len(data)
-        raw_header = json.dumps(header).encode()
-        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw_header)) + raw_header + b"".join(chunks))
+        write_safetensors(tmp_path / "model.safetensors", *safetensors_parts(state, "BF16"))
         expected = {k: (v.view(np.uint32) & 0xFFFF0000).view(np.float32) for k, v in state.items() if v.ndim}
     else:
         save_checkpoint(tmp_path, CONFIG, state, dtype=np.float16)

@@ -86,5 +86,5 @@ def test_attention_bytes():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="decoder"):
         count_macs(TINY, 8, 8, decoder="folded")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="minimum"):
         count_macs(TINY, 0, 8)
