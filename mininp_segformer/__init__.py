@@ -7,21 +7,21 @@
 
 import os
 
-# OpenBLAS's threads spin for up to 2^28 cycles (~0.1 s) after each matrix product before they sleep, holding the
-# cores the numba kernels between the products need (B0 at 512 x 512 on 2 cores: 178 -> 128 ms with 2^4). OpenBLAS
-# reads this when NumPy loads it, so it only takes effect if NumPy was not imported first (see docs/performance.md).
+# OpenBLAS's threads spin for a while after each matrix product before they sleep, holding the cores that the numba
+# kernels between the products need (docs/performance.md, "Threads", has the measurement). OpenBLAS reads this when
+# NumPy loads it, so it only takes effect if NumPy was not imported first.
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .config import SegformerConfig, variant_config  # noqa: E402
-from .inference import segment  # noqa: E402
-from .kernels import set_num_threads  # noqa: E402
-from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
-from .preprocessing import postprocess, preprocess  # noqa: E402
 from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, ResourceError,  # noqa: E402
                      SegformerError)
+from .inference import segment  # noqa: E402
+from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
+from .preprocessing import postprocess, preprocess  # noqa: E402
+from .threads import code_paths, set_num_threads  # noqa: E402
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
-           "preprocess", "postprocess", "segment", "set_num_threads",
+           "preprocess", "postprocess", "segment", "set_num_threads", "code_paths",
            "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "ResourceError"]
 
 if os.environ.get("MININP_SEGFORMER_THREADS"):

@@ -1,5 +1,5 @@
 """`python -m mininp_segformer ...`: the same as the `mininp-segformer` command (see cli.py)."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

@@ -34,13 +34,12 @@ own rows of windows and its own resized copy of the photo. Before the first run,
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
 
-from .flops import stage_sizes
-from .layers import _bilinear_taps, resize_bilinear, softmax
+from .nn.encoder import stage_sizes
+from .nn.layers import bilinear_taps, resize_rows, softmax
 from .memory import FLOAT32, check_memory
 from .model import SLIDE_HINT
 from .preprocessing import MMSEG_LONG_SIDE, load_image, mmseg_size, normalize, rescale_size, resize_image
@@ -111,33 +110,12 @@ def _coverage(spans, size: int) -> np.ndarray:
 # Band streams: an (H, W, C) map as consecutive (rows, W, C) blocks, top to bottom
 
 
-@functools.lru_cache(maxsize=64)
-def _taps(size_in: int, size_out: int):
-    return _bilinear_taps(size_in, size_out)
-
-
-def resized_rows(x, size, start: int, stop: int, in_h: int | None = None, offset: int = 0) -> np.ndarray:
-    """Rows `start:stop` of `resize_bilinear(full, size)`, computed from the rows of `full` that they need.
-
-    `x: (r, w, C)` holds rows `offset .. offset + r` of an `(in_h, w, C)` map `full` (default: all of it). Same
-    numbers, bit for bit, as resizing the whole map (width first, then the same two-tap sum along the height).
-    """
-    in_h = x.shape[0] if in_h is None else in_h
-    out_h, out_w = size
-    if in_h == out_h:
-        return resize_bilinear(x[start - offset : stop - offset], (stop - start, out_w), axes=(0, 1))
-    i0, i1, t, one_minus_t = (a[start:stop] for a in _taps(in_h, out_h))
-    lo, hi = int(i0[0]), int(i1[-1]) + 1  # the taps rise with the row, so these bound the rows needed
-    wide = resize_bilinear(x[lo - offset : hi - offset], (hi - lo, out_w), axes=(0, 1))  # along the width only
-    return wide[i0 - lo] * one_minus_t[:, None, None] + wide[i1 - lo] * t[:, None, None]
-
-
 def resize_bands(bands, in_h: int, size, band_rows: int = BAND_ROWS):
     """Resize a band stream of an `(in_h, w, C)` map to `size = (H, W)` lazily; yields `(<= band_rows, W, C)` blocks
     of exactly `band_rows` rows (the last one shorter), whatever the blocks coming in. Keeps only the input rows
     the next output band needs."""
     out_h = size[0]
-    taps = None if in_h == out_h else _taps(in_h, out_h)
+    taps = None if in_h == out_h else bilinear_taps(in_h, out_h)
     source = iter(bands)
     buf, offset = None, 0  # buf: input rows offset .. offset + len(buf); None: nothing held, next block at offset
     for start in range(0, out_h, band_rows):
@@ -148,7 +126,7 @@ def resize_bands(bands, in_h: int, size, band_rows: int = BAND_ROWS):
             block = next(source)
             buf = block if buf is None else np.concatenate([buf, block])
             buf, offset = _drop_rows_above(buf, offset, lo)
-        yield resized_rows(buf, size, start, stop, in_h, offset)
+        yield resize_rows(buf, size, start, stop, in_h, offset)
 
 
 def _drop_rows_above(buf, offset: int, row: int):
@@ -245,7 +223,7 @@ def _window_average(active, start: int, stop: int, width: int) -> np.ndarray:
             continue
         if acc is None:
             acc = np.zeros((stop - start, width, logits.shape[-1]), dtype=np.float32)
-        acc[lo - start : hi - start, x0:x1] += resized_rows(logits, (y1 - y0, x1 - x0), lo - y0, hi - y0)
+        acc[lo - start : hi - start, x0:x1] += resize_rows(logits, (y1 - y0, x1 - x0), lo - y0, hi - y0)
     return acc
 
 

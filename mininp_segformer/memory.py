@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import SegformerConfig
 from .errors import ResourceError
-from .flops import reduced_tokens, stage_sizes
+from .nn.encoder import reduced_tokens, stage_sizes
 
 MEMORY_ENV = "MININP_SEGFORMER_MAX_MEMORY"
 FLOAT32 = 4

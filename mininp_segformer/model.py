@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from .config import SegformerConfig, check_int, read_json, show_value
-from .decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
-from .encoder import mix_transformer
 from .errors import ConfigError
-from .flops import min_input_size
 from .memory import check_memory, estimate_forward_bytes
+from .nn import BACKENDS
+from .nn.decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
+from .nn.encoder import min_input_size, mix_transformer
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head,
                       load_checkpoint, unflatten)
@@ -46,22 +46,35 @@ class SegformerOutput:
 
 class Segformer:
     """SegFormer with the head its checkpoint has: the all-MLP decoder (SegformerForSemanticSegmentation), a
-    linear classifier (SegformerForImageClassification) or none (SegformerModel)."""
+    linear classifier (SegformerForImageClassification) or none (SegformerModel).
+
+    `backend`: "numba" (the default: the numba kernels, float32) or "numpy" (every component on the plain-NumPy
+    functions of `nn.layers`, the readable truth), in `dtype` float32 or float64. `decoder`: "fused" (the folded
+    decode head, `nn.decoder.fold_decode_head`) or "literal" (Eq. 4 as written).
+    """
 
     def __init__(self, config: SegformerConfig, state_dict: dict[str, np.ndarray], head: str | None = None,
-                 image_size: tuple[int, int] = (512, 512), decoder: str = "fused"):
+                 image_size: tuple[int, int] = (512, 512), decoder: str = "fused", backend: str = "numba",
+                 dtype="float32"):
         config.validate()  # a config built in code has not been checked yet; its sizes bound what is built next
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
+        if np.dtype(dtype) not in (np.float32, np.float64):
+            raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+        if backend == "numba" and np.dtype(dtype) != np.float32:
+            raise ValueError("the numba kernels are float32 only; use backend='numpy' for float64")
         self.config = config
+        self.backend, self.ops, self.dtype = backend, BACKENDS[backend], np.dtype(dtype)
         self.head = head or detect_head(state_dict, config)
         check_state_dict(state_dict, config, self.head)
-        self.params = unflatten(state_dict)
+        self.params = unflatten({k: v.astype(self.dtype, copy=False) for k, v in state_dict.items()})
         self.image_size = tuple(image_size)  # what preprocess() resizes to for this model
         self.min_size = min_input_size(config)  # smallest height / width it accepts
         # "fused": the algebraically folded decode head (decoder.fold_decode_head); "literal": Eq. 4 as written.
         if decoder not in ("fused", "literal"):
             raise ValueError(f"decoder must be 'fused' or 'literal', got {decoder!r}")
         self.decoder = decoder
-        self._folded = fold_decode_head(self.params["decode_head"]) if self.head == SEMANTIC else None
+        self._folded = fold_decode_head(self.params["decode_head"], self.dtype) if self.head == SEMANTIC else None
         if self.head == SEMANTIC and not config.reshape_last_stage:
             raise ValueError(
                 "reshape_last_stage=False with the decode head is not supported: transformers' decode head would "
@@ -70,8 +83,10 @@ class Segformer:
 
     def __repr__(self):
         c = self.config
+        default = (self.backend, self.dtype) == ("numba", np.float32)
+        extra = "" if default else f", backend={self.backend!r}, dtype={self.dtype.name}"
         return (f"Segformer(head={self.head}, hidden_sizes={list(c.hidden_sizes)}, depths={list(c.depths)}, "
-                f"num_labels={c.num_labels}, image_size={self.image_size})")
+                f"num_labels={c.num_labels}, image_size={self.image_size}{extra})")
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -113,7 +128,7 @@ class Segformer:
                 f"{self.min_size} (its spatial-reduction convs need one full window). Resize the input up."
             )
         self.check_forward(x.shape[0], h, w, output_attentions)
-        x = x.astype(np.float32, copy=False)
+        x = x.astype(self.dtype, copy=False)
         if not np.isfinite(x).all():
             raise ValueError("pixel_values contain NaN or inf; check the image and the preprocessing")
         return x
@@ -123,7 +138,7 @@ class Segformer:
         x = self._check_pixel_values(pixel_values, output_attentions)
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
         stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config,
-                                             output_attentions)
+                                             output_attentions, self.ops)
         # HF's layout: (B, C, H, W) maps; the last stage as (B, N, C) tokens when reshape_last_stage is off.
         # Transposed views of our channels-last arrays: the same numbers, nothing copied.
         hidden_states = tuple(f.transpose(0, 3, 1, 2) for f in stages)
@@ -132,12 +147,12 @@ class Segformer:
             hidden_states = hidden_states[:-1] + (stages[-1].reshape(b, h * w, c),)
         if self.head == SEMANTIC:
             if self.decoder == "fused":
-                logits = fused_decode_head(stages, self._folded)
+                logits = fused_decode_head(stages, self._folded, self.ops)
             else:
-                logits = all_mlp_decode_head(stages, self.params["decode_head"])
+                logits = all_mlp_decode_head(stages, self.params["decode_head"], self.ops)
             logits = logits.transpose(0, 3, 1, 2)
         elif self.head == CLASSIFICATION:
-            logits = classification_head(stages[-1], self.params["classifier"])
+            logits = classification_head(stages[-1], self.params["classifier"], self.ops)
         else:
             logits = None
         last = hidden_states[-1]
@@ -182,15 +197,16 @@ def _image_size(directory: Path, min_size: int) -> tuple[int, int]:
     return (h, w)
 
 
-def load(name_or_path, revision: str = "main") -> Segformer:
+def load(name_or_path, revision: str = "main", backend: str = "numba", dtype="float32") -> Segformer:
     """Load a checkpoint: a local directory (config.json + model.safetensors), the bundled demo model's name, or a
-    Hugging Face Hub name such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded once, then cached)."""
+    Hugging Face Hub name such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded once, then cached).
+    `backend` and `dtype` as for `Segformer`."""
     from .hub import resolve
 
     directory = resolve(name_or_path, revision=revision)
     config, head, state = load_checkpoint(directory)
     image_size = _image_size(directory, min_input_size(config))
-    return Segformer(config, state, head=head, image_size=image_size)
+    return Segformer(config, state, head=head, image_size=image_size, backend=backend, dtype=dtype)
 
 
 def predict(image, model=None) -> np.ndarray:

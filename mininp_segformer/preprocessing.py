@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from . import kernels
+from .nn import kernels
 from .errors import ImageError
-from .layers import _bilinear_taps, resize_bilinear
 from .memory import check_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -233,27 +232,6 @@ def mmseg_size(size, scale, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
     return align_size(rescale_size(size, scale), divisor)
 
 
-def _resized_argmax(logits, size, band_rows: int = 64):
-    """argmax over classes of `logits: (C, h, w)` bilinearly resized to `size`, in bands of output rows.
-
-    Same numbers as resizing the whole (C, H, W) stack at once, but memory stays O(C * band_rows * W) --
-    a 150-class map of a 6000 x 4000 photo would otherwise need 14 GB.
-    """
-    out_h, out_w = size
-    c, in_h, _ = logits.shape
-    wide = resize_bilinear(logits, (in_h, out_w))  # (C, h, W): along the width once
-    i0, i1, t, one_minus_t = _bilinear_taps(in_h, out_h)
-    seg = np.empty((out_h, out_w), dtype=np.int64)
-    for start in range(0, out_h, band_rows):
-        rows = slice(start, min(start + band_rows, out_h))
-        if in_h == out_h:
-            band = wide[:, rows]
-        else:
-            band = wide[:, i0[rows]] * one_minus_t[rows, None] + wide[:, i1[rows]] * t[rows, None]
-        seg[rows] = band.argmax(axis=0)
-    return seg
-
-
 def postprocess(logits, target_sizes=None) -> list[np.ndarray]:
     """HF's `post_process_semantic_segmentation`: `logits: (B, C, h, w)` -> a list of B `(H, W)` int64 class maps.
 
@@ -267,5 +245,5 @@ def postprocess(logits, target_sizes=None) -> list[np.ndarray]:
         return list(logits.argmax(axis=1))
     if len(target_sizes) != len(logits):
         raise ValueError(f"got {len(target_sizes)} target sizes for a batch of {len(logits)} logits; pass one each")
-    # kernels.resized_argmax: the numba twin of _resized_argmax above, one pass and no (C, H, W) intermediate
+    # kernels.resized_argmax: one pass and no (C, H, W) intermediate (its readable twin: layers.resized_argmax)
     return [kernels.resized_argmax(lg, _as_size(size)) for lg, size in zip(logits, target_sizes)]

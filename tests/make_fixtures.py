@@ -591,7 +591,7 @@ SEED_K_SCENE = 7  # one of scenes.HELD_OUT_SEEDS, never used in training
 
 def case_k_demo_model():
     """The bundled demo model on held-out scene 7: HF processor -> model -> post-processing, all outputs."""
-    from mininp_segformer.scenes import make_scene
+    from mininp_segformer.tools.scenes import make_scene
 
     directory = ROOT / "weights" / "segformer-b0-shapes"
     model = SegformerForSemanticSegmentation.from_pretrained(directory, attn_implementation="eager",
@@ -621,7 +621,7 @@ SIZE_L_UNSEEN = (96, 176)  # a resolution (and aspect ratio) the demo model neve
 
 def case_l_components():
     """The demo model's intermediates (patch merging, attention, Mix-FFN, decoder) via forward hooks; GELU; resize."""
-    from mininp_segformer.scenes import make_scene
+    from mininp_segformer.tools.scenes import make_scene
 
     directory = ROOT / "weights" / "segformer-b0-shapes"
     model = SegformerForSemanticSegmentation.from_pretrained(directory, attn_implementation="eager",

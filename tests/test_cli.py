@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mininp_segformer import cli, inference, load, viz
-from mininp_segformer.flops import count_macs, summarize
-from mininp_segformer.metrics import evaluate
+from mininp_segformer import inference, load
+from mininp_segformer.tools import cli, viz
+from mininp_segformer.tools.flops import count_macs, summarize
+from mininp_segformer.tools.metrics import evaluate
 from tests.conftest import REPO_ROOT, smooth_image
 from tests.tiny_checkpoint import make_checkpoint
 
@@ -209,9 +210,9 @@ def test_evaluate(tmp_path):
 
 def test_bench_is_delegated(monkeypatch):
     seen = []
-    fake = types.ModuleType("mininp_segformer.bench")
+    fake = types.ModuleType("mininp_segformer.tools.bench")
     fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "mininp_segformer.bench", fake)
+    monkeypatch.setitem(sys.modules, "mininp_segformer.tools.bench", fake)
     monkeypatch.setattr(sys.modules["mininp_segformer"], "bench", fake, raising=False)
     assert cli.main(["bench", "--runs", "2", "--quick"]) == 3
     assert seen == [["--runs", "2", "--quick"]]

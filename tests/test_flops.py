@@ -1,11 +1,11 @@
-"""mininp_segformer.flops.count_macs against hand-computed counts, the paper's GFLOPs, and the model itself."""
+"""mininp_segformer.tools.flops.count_macs against hand-computed counts, the paper's GFLOPs, and the model itself."""
 
 import numpy as np
 import pytest
 
 from mininp_segformer import Segformer, SegformerConfig, variant_config
-from mininp_segformer.decoder import fold_decode_head
-from mininp_segformer.flops import attention_bytes, count_macs, stage_sizes, summarize
+from mininp_segformer.nn.decoder import fold_decode_head
+from mininp_segformer.tools.flops import attention_bytes, count_macs, stage_sizes, summarize
 from mininp_segformer.weights import random_state_dict, unflatten
 
 TINY = SegformerConfig(num_encoder_blocks=2, depths=(1, 2), sr_ratios=(2, 1), hidden_sizes=(4, 8), patch_sizes=(3, 3),

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import mininp_segformer as ms
-from mininp_segformer import cli
+from mininp_segformer.tools import cli
 from mininp_segformer.config import SegformerConfig, variant_config
 from mininp_segformer.errors import CheckpointError, ConfigError
-from mininp_segformer.flops import stage_sizes
+from mininp_segformer.tools.flops import stage_sizes
 from mininp_segformer.model import min_input_size
 from mininp_segformer.weights import random_state_dict, save_checkpoint
 from tests.tiny_checkpoint import make_checkpoint, safetensors_parts, write_safetensors
@@ -168,7 +168,7 @@ def test_a_100mb_header_is_refused_before_it_is_read(ckpt):
     assert len(raw) <= target
     write_safetensors(ckpt / "model.safetensors", raw + b" " * (target - len(raw)), bytes(4 * n))
     del raw
-    r = run_python("import sys; from mininp_segformer import cli; sys.exit(cli.main(['info', sys.argv[1]]))",
+    r = run_python("import sys; from mininp_segformer.tools import cli; sys.exit(cli.main(['info', sys.argv[1]]))",
                    ckpt, timeout=60)
     assert r.returncode == 1, r.stderr
     assert "header claims 100,000,000 bytes, more than the 8,388,608 this reader accepts" in r.stderr

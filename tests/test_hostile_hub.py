@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mininp_segformer import cli, hub
+from mininp_segformer import hub
+from mininp_segformer.tools import cli
 from mininp_segformer.errors import CheckpointError, DownloadError
 from tests.conftest import REPO_ROOT
 from tests.test_hub import NAME, cache_files, checkpoint, fake_hub  # noqa: F401 (fixtures)

@@ -19,8 +19,9 @@ import pytest
 from PIL import Image
 
 import mininp_segformer as ms
-from mininp_segformer import inference, memory, viz
-from mininp_segformer.batch import output_paths
+from mininp_segformer import inference, memory
+from mininp_segformer.tools import viz
+from mininp_segformer.tools.batch import output_paths
 from mininp_segformer.preprocessing import load_image
 from mininp_segformer.weights import random_state_dict
 from tests.conftest import REPO_ROOT, smooth_image

@@ -13,7 +13,7 @@ from PIL import Image
 
 import mininp_segformer as ms
 from mininp_segformer import inference as inf
-from mininp_segformer.layers import resize_bilinear, softmax
+from mininp_segformer.nn.layers import resize_bilinear, softmax
 from mininp_segformer.preprocessing import align_size, mmseg_size, normalize, rescale_size, resize_image
 from mininp_segformer.weights import CLASSIFICATION, random_state_dict
 from tests.conftest import REPO_ROOT

@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from mininp_segformer import kernels, layers
-from mininp_segformer.attention import efficient_self_attention
+from mininp_segformer import threads
+from mininp_segformer.nn import kernels, layers
+from mininp_segformer.nn.attention import efficient_self_attention
 from mininp_segformer.config import variant_config
 from mininp_segformer.model import min_input_size
 from tests.conftest import F32_EPS, assert_close, assert_within, float32_sum_bound
@@ -211,7 +212,7 @@ def test_min_input_size_is_set_by_stage_one_reduction():
 
 @pytest.mark.parametrize("h,w,r", [(16, 24, 8), (17, 23, 4), (9, 9, 2), (8, 8, 8)])
 def test_spatial_reduction_reshape_is_the_strided_conv(h, w, r):
-    from mininp_segformer.attention import spatial_reduction
+    from mininp_segformer.nn.attention import spatial_reduction
     c = 6
     x = randn(2, h * w, c)
     p = {"sr": {"weight": randn(c, c, r, r), "bias": randn(c)}, "layer_norm": {"weight": randn(c), "bias": randn(c)}}
@@ -228,7 +229,7 @@ def test_set_num_threads_sets_numba_and_blas_together():
     import numba
 
     def blas_threads():
-        for path in kernels._loaded_libraries():
+        for path in threads._loaded_libraries():
             if "openblas" in os.path.basename(path).lower():
                 lib = ctypes.CDLL(path)
                 for symbol in ("scipy_openblas_get_num_threads64_", "openblas_get_num_threads64_",
@@ -238,13 +239,13 @@ def test_set_num_threads_sets_numba_and_blas_together():
         pytest.fail("NumPy's OpenBLAS was not found among the loaded libraries")
 
     try:
-        assert kernels.set_num_threads(1) == 1
+        assert threads.set_num_threads(1) == 1
         assert numba.get_num_threads() == 1 and blas_threads() == 1
-        n = kernels.set_num_threads()  # default: every core
+        n = threads.set_num_threads()  # default: every core
         assert n == min(os.cpu_count(), numba.config.NUMBA_NUM_THREADS)
         assert numba.get_num_threads() == n and blas_threads() == n
     finally:
-        kernels.set_num_threads()
+        threads.set_num_threads()
 
 
 def test_linear_kernel_equals_its_twin():
@@ -255,7 +256,7 @@ def test_linear_kernel_equals_its_twin():
 
 _KERNEL_DIGESTS = """
 import hashlib, numpy as np
-from mininp_segformer import kernels
+from mininp_segformer.nn import kernels
 rng = np.random.default_rng(0)
 digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
 outs = {}
@@ -290,7 +291,7 @@ def test_kernels_give_the_same_bits_compiled_or_loaded_from_the_cache(tmp_path):
     assert not differ, f"compiled and cached kernels give different results: {differ}"
 
 
-_ONE_KERNEL = "import numpy as np; from mininp_segformer import kernels; kernels.gelu(np.ones((2, 3), np.float32))"
+_ONE_KERNEL = "import numpy as np; from mininp_segformer.nn import kernels; kernels.gelu(np.ones((2, 3), np.float32))"
 
 
 def _stderr_of(code: str, env: dict, terminal: bool) -> str:

@@ -1,4 +1,4 @@
-"""mininp_segformer.metrics against an independent torch implementation (tests/make_fixtures.py, case j)."""
+"""mininp_segformer.tools.metrics against an independent torch implementation (tests/make_fixtures.py, case j)."""
 
 import hashlib
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mininp_segformer.metrics import evaluate, intersect_and_union, read_label_map, reduce_zero_label
-from mininp_segformer.viz import colorize
+from mininp_segformer.tools.metrics import evaluate, intersect_and_union, read_label_map, reduce_zero_label
+from mininp_segformer.tools.viz import colorize
 from tests.conftest import array_digest, load_fixture, perturbed_ade_prediction, random_segmentation_pair
 
 METRICS = ("mean_iou", "per_class_iou", "pixel_accuracy", "mean_accuracy", "per_class_accuracy")

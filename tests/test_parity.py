@@ -233,7 +233,7 @@ def _g_cases():
 @pytest.mark.parametrize("name", _g_cases())
 def test_resize_bilinear(name):
     """layers.resize_bilinear vs torch.nn.functional.interpolate(bilinear, align_corners=False), NCHW and NHWC."""
-    from mininp_segformer.layers import resize_bilinear
+    from mininp_segformer.nn.layers import resize_bilinear
 
     ref, meta = load_fixture("g_resize")
     assert sorted(_g_cases()) == sorted(c["name"] for c in meta["cases"]), "resize cases out of sync with fixture"
@@ -328,7 +328,7 @@ def test_demo_model_against_transformers():
     import hashlib
 
     import mininp_segformer as ms
-    from mininp_segformer.scenes import make_scene
+    from mininp_segformer.tools.scenes import make_scene
 
     ref, meta = load_fixture("k_demo_model_scene7")
     directory = REPO_ROOT / meta["model"]
@@ -355,8 +355,8 @@ def test_demo_model_components_against_transformers():
     """Patch merging, LayerNorm, spatial reduction, attention, Mix-FFN, the block, the decoder's pieces; each fed the
     torch reference of its input, so an error is pinned to one component rather than accumulated."""
     import mininp_segformer as ms
-    from mininp_segformer import attention, decoder, encoder, kernels, layers
-    from mininp_segformer.scenes import make_scene
+    from mininp_segformer.nn import attention, decoder, encoder, kernels, layers
+    from mininp_segformer.tools.scenes import make_scene
 
     ref, meta = load_fixture("l_demo_model_components")
     directory = REPO_ROOT / meta["model"]
@@ -435,7 +435,7 @@ def test_parity_compare_masks_only_machine_dependent_figures(capsys):
     import configparser
     import re
 
-    from mininp_segformer import parity
+    from mininp_segformer.tools import parity
 
     cfg = configparser.ConfigParser()
     cfg.read(REPO_ROOT / "notebooks" / "nbval_sanitize.cfg", encoding="utf-8")

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 import mininp_segformer as ms
-from mininp_segformer.batch import segment_file_or_error
+from mininp_segformer.tools.batch import segment_file_or_error
 from mininp_segformer.inference import segment
 from tests.conftest import REPO_ROOT, smooth_image
 from tests.tiny_checkpoint import make_checkpoint

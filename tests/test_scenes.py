@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mininp_segformer.scenes import CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, make_dataset, make_scene
+from mininp_segformer.tools.scenes import CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, make_dataset, make_scene
 
 TRAIN_SIZE = (128, 128)  # the demo model's training resolution (its preprocessor_config.json)
 
@@ -55,7 +55,7 @@ def test_make_dataset_matches_make_scene():
 def test_demo_model_held_out_miou():
     """The shipped model, run by mininp_segformer's NumPy code, on the 200 held-out scenes it never saw."""
     import mininp_segformer as ms
-    from mininp_segformer.metrics import evaluate
+    from mininp_segformer.tools.metrics import evaluate
 
     model = ms.load("segformer-b0-shapes")  # the bundled name; strict: every tensor present, right shapes
     assert model.config.id2label == ID2LABEL and model.image_size == TRAIN_SIZE

@@ -1,4 +1,4 @@
-"""mininp_segformer.viz: palettes, colour-coded label maps, overlays, legends."""
+"""mininp_segformer.tools.viz: palettes, colour-coded label maps, overlays, legends."""
 
 import json
 import sys
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mininp_segformer import viz
+from mininp_segformer.tools import viz
 
 
 def test_dataset_palettes_are_shareds(shared_dir):

@@ -5,7 +5,7 @@
     python weights/train_demo.py --phases 64:300 --out /tmp/pilot   # a few-minute pilot of the same recipe
 
 A MiT-b0 SegFormer (`transformers.SegformerForSemanticSegmentation`, random init) learns to label the shapes of
-`mininp_segformer.scenes`: every training step draws a fresh batch of scenes (seeds from TRAIN_SEED_START = 1e6
+`mininp_segformer.tools.scenes`: every training step draws a fresh batch of scenes (seeds from TRAIN_SEED_START = 1e6
 upwards, so no scene is ever repeated and no augmentation is needed). Validation during training uses seeds
 900_000.. ; the final held-out test uses seeds 0..199, which neither training nor validation ever sees.
 
@@ -49,7 +49,7 @@ except ImportError:
     _pkg.__path__ = [str(ROOT / "mininp_segformer")]
     sys.modules["mininp_segformer"] = _pkg
 from mininp_segformer.config import variant_config  # noqa: E402
-from mininp_segformer.scenes import CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, TRAIN_SEED_START, make_scene  # noqa: E402
+from mininp_segformer.tools.scenes import CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, TRAIN_SEED_START, make_scene  # noqa: E402
 from mininp_segformer.weights import SEMANTIC, expected_shapes  # noqa: E402
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)

@@ -20,44 +20,9 @@ bilinear upsampling.
 
 from __future__ import annotations
 
-from .config import SegformerConfig
-from .errors import ImageError
-from .layers import conv_output_size
-
-
-def stage_sizes(config: SegformerConfig, height: int, width: int) -> list[tuple[int, int]]:
-    """`(H_i, W_i)` of each stage's token map for an input of height x width (H/4, H/8, ... for the MiT configs)."""
-    sizes, h, w = [], height, width
-    for k, s in zip(config.patch_sizes, config.strides):
-        h, w = conv_output_size(h, k, s, k // 2), conv_output_size(w, k, s, k // 2)
-        sizes.append((h, w))
-    return sizes
-
-
-def reduced_tokens(height: int, width: int, sr_ratio: int) -> int:
-    """N_r: the keys (and values) of a height x width token map after the R x R stride-R spatial reduction."""
-    r = sr_ratio
-    return conv_output_size(height, r, r, 0) * conv_output_size(width, r, r, 0) if r > 1 else height * width
-
-
-def min_input_size(config: SegformerConfig) -> int:
-    """The smallest height (or width) the encoder accepts: every spatial-reduction conv needs at least one
-    window, i.e. each stage's size must be >= its sr_ratio (B0..B5: 29 pixels, set by stage 1's 8 x 8 reduction).
-
-    Stage sizes never shrink as the input grows, so doubling finds a size that fits and bisection the smallest:
-    ~2 log2(answer) calls of `stage_sizes`, whatever the strides (a linear search would never end on absurd ones).
-    """
-    def fits(n: int) -> bool:
-        return all(h >= max(r, 1) for (h, _), r in zip(stage_sizes(config, n, n), config.sr_ratios))
-
-    high = 1
-    while not fits(high):
-        high *= 2
-    low = high // 2  # does not fit (or is 0); high fits
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (low, mid) if fits(mid) else (mid, high)
-    return high
+from ..config import SegformerConfig
+from ..errors import ImageError
+from ..nn.encoder import min_input_size, reduced_tokens, stage_sizes
 
 
 def _encoder_macs(config: SegformerConfig, sizes) -> dict[str, int]:

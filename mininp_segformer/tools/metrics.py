@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageError
-from .preprocessing import open_image_file
+from ..errors import ImageError
+from ..preprocessing import open_image_file
 
 
 def reduce_zero_label(label, ignore_index: int = 255) -> np.ndarray:

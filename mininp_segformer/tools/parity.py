@@ -1,6 +1,6 @@
 """Checking mininp_segformer against reference outputs (PyTorch's, saved by `tests/make_fixtures.py`), as the chapters do.
 
-    from mininp_segformer.parity import compare
+    from mininp_segformer.tools.parity import compare
     compare("logits", out.logits, fixture["logits"])   # prints the error, raises AssertionError if it is too large
 
 Float32 results differ in their last bits from one CPU to the next: OpenBLAS picks other kernels on AVX2 and

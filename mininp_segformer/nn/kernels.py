@@ -1,5 +1,9 @@
 """numba kernels for the hot loops; each has a plain-NumPy twin in `layers.py`, and tests hold the pairs equal.
 
+`TWINS` names them: each is `layers.<name>` with the same signature. The building blocks that have no kernel
+(BatchNorm, ReLU, the bilinear resize: NumPy does them as fast) are taken from `layers` as they are, so that this
+module is a complete `ops` namespace for the network (`backend="numba"`), float32 only.
+
 They work on channels-last float32 arrays, run their outer loop in parallel over rows (`prange`), and keep the
 inner loop over channels free of calls and branches so LLVM turns it into SIMD code. Compiled on first use and
 cached on disk (`cache=True`), so only the first process pays the compile time.
@@ -15,19 +19,20 @@ Two transcendental functions are spelled out because numba would otherwise call 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
 import threading
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from numba import njit, prange
 from numba.core import event
 
-from .config import LAYER_NORM_EPS
-from .layers import _bilinear_taps, conv_output_size
+from ..config import LAYER_NORM_EPS
+from .layers import batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix, relu, resize_bilinear  # noqa: F401
+
+TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
+         "add_resized", "resized_argmax")
 
 # numba's threading layer. With its OpenMP layer, the threads keep spinning after each parallel loop and compete with
 # OpenBLAS's threads for the same cores (B0 at 512 x 512, 2 cores: 184 vs 147 ms idle, 3-8x slower when another
@@ -295,11 +300,18 @@ def gelu(x):
         return _gelu(x)
 
 
-def softmax(x):
-    """Softmax over the last axis (twin of `layers.softmax`). Overwrites `x` when it is contiguous float32."""
-    x = _f32(x)
+def softmax(x, axis=-1, out=None):
+    """Softmax over the last axis (twin of `layers.softmax`); `out`: where to write it (may be `x`), else a new array."""
+    if axis not in (-1, np.ndim(x) - 1):
+        raise ValueError(f"kernels.softmax works over the last axis only; got axis={axis} (use layers.softmax)")
+    if out is None:
+        out = np.array(x, dtype=np.float32)
+    elif out is not x:
+        out[...] = x
+    if out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError("kernels.softmax: out must be a C-contiguous float32 array")
     with _LOCK:
-        return _softmax(x)
+        return _softmax(out)
 
 
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
@@ -309,16 +321,21 @@ def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
         return _layer_norm(x, weight, bias, eps)
 
 
-def depthwise_conv3x3(x, weight, bias, apply_gelu=False):
+def depthwise_conv3x3(x, weight, bias):
     """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)` (twin of `layers.depthwise_conv3x3`)."""
-    x, taps_last = _f32(x), _f32(weight[:, 0].transpose(1, 2, 0))  # (C, 1, 3, 3) -> (3, 3, C)
-    with _LOCK:
-        return _depthwise_conv3x3(x, taps_last, bias, apply_gelu)
+    return _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu=False)
 
 
 def depthwise_conv3x3_gelu(x, weight, bias):
-    """GELU(depthwise_conv3x3(x)): Mix-FFN's conv and activation in one pass over memory."""
-    return depthwise_conv3x3(x, weight, bias, apply_gelu=True)
+    """GELU(depthwise_conv3x3(x)): Mix-FFN's conv and activation in one pass over memory (twin of
+    `layers.depthwise_conv3x3_gelu`)."""
+    return _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu=True)
+
+
+def _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu):
+    x, taps_last = _f32(x), _f32(weight[:, 0].transpose(1, 2, 0))  # (C, 1, 3, 3) -> (3, 3, C)
+    with _LOCK:
+        return _depthwise_conv3x3(x, taps_last, bias, apply_gelu)
 
 
 def linear(x, weight, bias=None):
@@ -341,15 +358,14 @@ def im2col(x, kernel: int, stride: int, padding: int):
 
 def conv2d(x, weight, bias, stride: int, padding: int):
     """nn.Conv2d as im2col + one matmul (twin of `layers.conv2d`)."""
-    c_out, c_in, k, _ = weight.shape
-    return linear(im2col(x, k, stride, padding), weight.transpose(0, 2, 3, 1).reshape(c_out, k * k * c_in), bias)
+    return linear(im2col(x, weight.shape[-1], stride, padding), conv_weight_matrix(weight), bias)
 
 
 def add_resized(out, x):
     """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps, in one pass; returns out."""
     (_, oh, ow, _), (_, h, w, _) = out.shape, x.shape
-    i0, i1, th, _ = _bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
-    j0, j1, tw, _ = _bilinear_taps(w, ow)
+    i0, i1, th, _ = bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
+    j0, j1, tw, _ = bilinear_taps(w, ow)
     x = _f32(x)
     with _LOCK:
         return _add_resized(out, x, i0, i1, th, j0, j1, tw)
@@ -357,72 +373,10 @@ def add_resized(out, x):
 
 def resized_argmax(logits, size):
     """`logits: (C, h, w)` -> `(H, W)` int64 argmax of their bilinear resize to `size` (twin of
-    `preprocessing._resized_argmax`): HF's post-processing in one pass, with no (C, H, W) intermediate."""
+    `layers.resized_argmax`): HF's post-processing in one pass, with no (C, H, W) intermediate."""
     (out_h, out_w), (_, h, w) = size, logits.shape
     x = _f32(logits.transpose(1, 2, 0))  # channels-last, so the inner loop over classes is contiguous
-    i0, i1, th, _ = _bilinear_taps(h, out_h)
-    j0, j1, tw, _ = _bilinear_taps(w, out_w)
+    i0, i1, th, _ = bilinear_taps(h, out_h)
+    j0, j1, tw, _ = bilinear_taps(w, out_w)
     with _LOCK:
         return _resized_argmax(x, i0, i1, th, j0, j1, tw)
-
-
-def set_num_threads(n: int | None = None) -> int:
-    """Use `n` threads (default: all cores) for the numba kernels and for BLAS; returns the number set.
-
-    Also read at import from the environment variable MININP_SEGFORMER_THREADS.
-    """
-    n = int(n or os.cpu_count() or 1)
-    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
-    _set_blas_threads(n)
-    return n
-
-
-def _set_blas_threads(n: int) -> None:
-    """Tell NumPy's BLAS (OpenBLAS, or MKL / BLIS through threadpoolctl when installed) to use n threads."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        pass
-    else:
-        threadpool_limits(n, user_api="blas")
-        return
-    # Without threadpoolctl: call OpenBLAS's own setter in the library NumPy loaded (Linux, macOS).
-    setter = _openblas_function("set_num_threads")
-    if setter is not None:
-        setter(ctypes.c_int(n))
-
-
-def code_paths() -> dict[str, str]:
-    """The CPU code paths that float32 results depend on, for logs and bug reports.
-
-    `blas`: the kernel set OpenBLAS chose for this CPU (e.g. SkylakeX for AVX-512, Haswell or Zen for AVX2; set by
-    OPENBLAS_CORETYPE); `numba`: the CPU numba compiles the kernels for (set by NUMBA_CPU_NAME). Two machines that
-    differ in either round float32 sums differently.
-    """
-    corename = _openblas_function("get_corename")
-    if corename is not None:
-        corename.restype = ctypes.c_char_p
-    blas = corename().decode() if corename is not None else "unknown (not OpenBLAS, or not found)"
-    return {"blas": blas, "numba": numba.config.CPU_NAME or llvm.get_host_cpu_name()}
-
-
-def _openblas_function(name: str):
-    """OpenBLAS's C function `openblas_<name>` (under the names NumPy's and SciPy's builds give it), or None."""
-    for path in _loaded_libraries():
-        if "openblas" not in os.path.basename(path).lower():
-            continue
-        lib = ctypes.CDLL(path)
-        for symbol in (f"scipy_openblas_{name}64_", f"openblas_{name}64_", f"openblas_{name}"):
-            function = getattr(lib, symbol, None)
-            if function is not None:
-                return function
-    return None
-
-
-def _loaded_libraries() -> list[str]:
-    try:
-        with open("/proc/self/maps") as maps:
-            return sorted({line.split()[-1] for line in maps if ".so" in line})
-    except OSError:
-        return []

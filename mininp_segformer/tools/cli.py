@@ -6,7 +6,7 @@
     mininp-segformer download nvidia/segformer-b0-finetuned-ade-512-512
     mininp-segformer info nvidia/segformer-b0-finetuned-ade-512-512 --size 512 512
     mininp-segformer evaluate seg/ annotations/ --num-labels 150 --reduce-labels
-    mininp-segformer bench ...                                            # mininp_segformer.bench, if installed
+    mininp-segformer bench ...                                            # mininp_segformer.tools.bench, if installed
 
 Exit codes: 0 success; 1 a runtime failure (also when some of many images failed -- the others' outputs are
 kept); 2 a usage error. Errors go to stderr as one line each; `--debug` adds the traceback.
@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .hub import _is_terminal
+from ..hub import _is_terminal
 
 PROG = "mininp-segformer"
 DEMO_MODEL = "segformer-b0-shapes"
@@ -80,7 +80,7 @@ def _check_outputs(items, out_dir: Path, overlay_format):
     """Usage errors for two inputs writing the same output, an output that would overwrite an input, or one that
     would land outside the output directory."""
     from .batch import output_paths
-    from .errors import SegformerError
+    from ..errors import SegformerError
 
     seen, inputs = {}, {p.resolve() for p, _ in items}
     for path, stem in items:
@@ -140,9 +140,9 @@ def _check_predict_args(args) -> None:
 
 def _check_model_args(args, model) -> None:
     """Usage errors that depend on the model: its head, the crop it can take, the palette's length."""
-    from .inference import slide_geometry
+    from ..inference import slide_geometry
     from .viz import as_palette
-    from .weights import SEMANTIC
+    from ..weights import SEMANTIC
 
     if model.head != SEMANTIC:
         raise UsageError(f"predict needs a semantic-segmentation checkpoint; {args.model} is {model.head}")
@@ -159,8 +159,8 @@ def _set_limits(threads: int | None, max_memory: int | float | None, max_pixels:
     """This process's threads and limits: in the command's own process, and in each worker of --jobs."""
     from PIL import Image
 
-    from . import set_num_threads
-    from .memory import set_max_memory
+    from .. import set_num_threads
+    from ..memory import set_max_memory
 
     if threads:
         set_num_threads(threads)
@@ -252,8 +252,8 @@ def _run_all(items, args, model, directory, options, progress: _Progress) -> lis
 
 
 def cmd_predict(args) -> int:
-    from .hub import resolve
-    from .model import load
+    from ..hub import resolve
+    from ..model import load
 
     _check_predict_args(args)
     out_dir = Path(args.out)
@@ -291,7 +291,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .hub import KNOWN_CHECKPOINTS, bundled_models, cached_models
+    from ..hub import KNOWN_CHECKPOINTS, bundled_models, cached_models
 
     cached = {}
     entries = cached_models()
@@ -317,8 +317,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .errors import CheckpointError
-    from .hub import bundled_models, check_hub_name, check_revision, resolve
+    from ..errors import CheckpointError
+    from ..hub import bundled_models, check_hub_name, check_revision, resolve
 
     if args.name not in bundled_models():  # a bundled model's name prints its directory
         try:  # before anything touches the disk: the name becomes a cache directory
@@ -343,24 +343,24 @@ def _describe_model(name: str, revision: str):
     """(config, head, image size, parameter count, source) of a checkpoint or of a variant name b0..b5."""
     import math
 
-    from .config import VARIANTS, variant_config
-    from .weights import SEMANTIC, expected_shapes
+    from ..config import VARIANTS, variant_config
+    from ..weights import SEMANTIC, expected_shapes
 
     if name.lower() in VARIANTS:
         config = variant_config(name.lower())
         params = sum(math.prod(s) for k, s in expected_shapes(config, SEMANTIC).items()
                      if not k.endswith(("running_mean", "running_var")))
         return config, SEMANTIC, (512, 512), params, f"MiT-{name.upper()} variant (150 generic labels, no weights)"
-    from .model import load
+    from ..model import load
 
     model = load(name, revision=revision)
     return model.config, model.head, model.image_size, count_parameters(model.params), str(name)
 
 
 def cmd_info(args) -> int:
-    from .errors import ImageError
+    from ..errors import ImageError
     from .flops import count_macs, summarize
-    from .weights import SEMANTIC
+    from ..weights import SEMANTIC
 
     config, head, image_size, params, source = _describe_model(args.name, args.revision)
     h, w = args.size or image_size
@@ -469,9 +469,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
-    from .memory import MEMORY_ENV, parse_size
-    from .model import DEFAULT_MODEL
+    from ..inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
+    from ..memory import MEMORY_ENV, parse_size
+    from ..model import DEFAULT_MODEL
 
     parser = _Parser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
@@ -537,13 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.set_defaults(func=cmd_evaluate)
 
-    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.bench; its options follow)")
+    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
     return parser
 
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 runtime failure, 2 usage error)."""
-    from .model import DEFAULT_MODEL
+    from ..model import DEFAULT_MODEL
 
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)

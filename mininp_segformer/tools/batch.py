@@ -1,6 +1,6 @@
 """Segmenting many files: one call per image that writes its outputs atomically and loads the model once per process.
 
-    from mininp_segformer.batch import segment_file
+    from mininp_segformer.tools.batch import segment_file
     segment_file("photos/a.jpg", model="segformer-b0-shapes", out_dir="out", overlay=True)
     # -> {"image": "photos/a.jpg", "label_map": "out/a.png", "overlay": "out/a_overlay.jpg", ...}
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import SegformerError
-from .model import DEFAULT_MODEL, load
-from .preprocessing import load_image
+from ..errors import SegformerError
+from ..model import DEFAULT_MODEL, load
+from ..preprocessing import load_image
 from .viz import colorize, legend, overlay, palette_for, save_atomically
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
@@ -80,7 +80,7 @@ def segment_file(path, model=DEFAULT_MODEL, out_dir=".", overlay_format: str | N
     "size", "seconds", "classes": the three largest (name, share)}. Raises on an unreadable image or an output
     that cannot be written; files written before stay as they were.
     """
-    from .inference import segment
+    from ..inference import segment
 
     start = time.perf_counter()
     net = model if hasattr(model, "config") else cached_model(str(model), revision)

@@ -1,6 +1,6 @@
 """Pictures of segmentations: palettes, colour-coded label maps, overlays on the photo, and a legend.
 
-    from mininp_segformer import viz
+    from mininp_segformer.tools import viz
     palette = viz.palette_for(model.config.num_labels)   # ADE20K's for 150 labels, Cityscapes' for 19, else generated
     viz.colorize(seg, palette).save("seg.png")           # a mode "P" PNG: the pixel values are the class ids
     rgb = viz.overlay("photo.jpg", seg, alpha=0.5, palette=palette)   # (H, W, 3) uint8
@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from .metrics import check_label_map
-from .preprocessing import load_image
+from ..preprocessing import load_image
 
-PALETTES_JSON = Path(__file__).resolve().parent / "data" / "palettes.json"
+PALETTES_JSON = Path(__file__).resolve().parent.parent / "data" / "palettes.json"
 PALETTE_ALIASES = {"ade": "ade20k", "ade20k": "ade20k", "cityscapes": "cityscapes", "city": "cityscapes"}
 OVERLAY_BAND_ROWS = 512  # rows blended at a time, so a 6000 x 4000 overlay needs no float copy of the photo
 

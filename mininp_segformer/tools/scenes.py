@@ -4,7 +4,7 @@ Every scene is a pure function of its seed, so a data set is just a range of see
 `weights/segformer-b0-shapes/` was trained on seeds >= `TRAIN_SEED_START`; seeds `0..199` are the held-out test
 set (`HELD_OUT_SEEDS`) and were never shown to it.
 
-    from mininp_segformer.scenes import make_scene, CLASS_NAMES
+    from mininp_segformer.tools.scenes import make_scene, CLASS_NAMES
     image, labels = make_scene(2026, size=(128, 128))   # uint8 (128, 128, 3), uint8 (128, 128)
 
 Colours are drawn independently of the class, so a model has to recognise *shape*: circle, square, triangle,

@@ -3,16 +3,18 @@
 Layout: feature maps are channels-last, `(B, H, W, C)`, so that the transformer's tokens `(B, N, C)` with
 `N = H * W` are the same memory reshaped. Weights keep PyTorch's layouts as stored in the checkpoint
 (`nn.Linear`: `(C_out, C_in)`; `nn.Conv2d`: `(C_out, C_in / groups, kH, kW)`) and are re-ordered where used.
-Everything is float32.
+
+This module is the `backend="numpy"` of the model and the readable truth of `kernels.py`, whose numba functions
+have the same names and signatures (`kernels.TWINS`). Every function keeps its input's dtype: float32 as the model
+runs, or float64 (for gradient checks and for measuring float32's own rounding).
 """
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
+from scipy.special import erf
 
-from .config import BATCH_NORM_EPS, LAYER_NORM_EPS
+from ..config import BATCH_NORM_EPS, LAYER_NORM_EPS
 
 
 def linear(x, weight, bias=None):
@@ -28,25 +30,25 @@ def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = np.mean(centered * centered, axis=-1, keepdims=True)
-    return centered / np.sqrt(var + np.float32(eps)) * weight + bias
-
-
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+    return centered / np.sqrt(var + x.dtype.type(eps)) * weight + bias
 
 
 def gelu(x):
     """GELU(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)): the exact form torch's nn.GELU() uses, not the tanh one.
 
-    The readable reference (math.erf element by element: slow). The model runs the numba twin, fused into
-    `kernels.depthwise_conv3x3_gelu`; `kernels.gelu` is the stand-alone twin.
+    Evaluated in float64 (scipy's erf) and rounded once to `x`'s dtype.
     """
-    return (0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))).astype(np.float32)
+    x64 = np.asarray(x, dtype=np.float64)
+    return (0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))).astype(x.dtype)
 
 
-def softmax(x, axis=-1):
-    """Numerically stable softmax: subtracting the max changes nothing mathematically but avoids overflow."""
+def softmax(x, axis=-1, out=None):
+    """Numerically stable softmax: subtracting the max changes nothing mathematically but avoids overflow.
+
+    `out`: where to write the result (may be `x` itself); a new array by default.
+    """
     e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    return np.divide(e, e.sum(axis=axis, keepdims=True), out=out)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -69,11 +71,17 @@ def im2col(x, kernel: int, stride: int, padding: int):
     return cols.reshape(b, h_out, w_out, kernel * kernel * c)
 
 
+def conv_weight_matrix(weight):
+    """A conv weight `(C_out, C_in, k, k)` as the matrix `(C_out, k * k * C_in)` that multiplies im2col's rows:
+    torch's (c, ky, kx) order becomes our channels-last (ky, kx, c)."""
+    c_out, c_in, k, _ = weight.shape
+    return weight.transpose(0, 2, 3, 1).reshape(c_out, k * k * c_in)
+
+
 def conv2d(x, weight, bias, stride: int, padding: int):
     """nn.Conv2d as one matmul: `x: (B, H, W, C_in)`, `weight: (C_out, C_in, k, k)` -> `(B, H_out, W_out, C_out)`."""
-    c_out, c_in, k, _ = weight.shape
-    w = weight.transpose(0, 2, 3, 1).reshape(c_out, k * k * c_in)  # torch's (c, ky, kx) -> our (ky, kx, c)
-    return linear(im2col(x, k, stride, padding), w, bias)
+    k = weight.shape[-1]
+    return linear(im2col(x, k, stride, padding), conv_weight_matrix(weight), bias)
 
 
 def depthwise_conv3x3(x, weight, bias):
@@ -83,23 +91,28 @@ def depthwise_conv3x3(x, weight, bias):
     """
     b, h, w, c = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    out = np.broadcast_to(bias, x.shape).copy()
+    out = np.broadcast_to(bias, x.shape).astype(x.dtype)
     for ky in range(3):
         for kx in range(3):
             out += xp[:, ky : ky + h, kx : kx + w, :] * weight[:, 0, ky, kx]
     return out
 
 
+def depthwise_conv3x3_gelu(x, weight, bias):
+    """GELU(depthwise_conv3x3(x)): Mix-FFN's conv and its activation (the numba twin does both in one pass)."""
+    return gelu(depthwise_conv3x3(x, weight, bias))
+
+
 def batch_norm(x, weight, bias, running_mean, running_var, eps=BATCH_NORM_EPS):
     """nn.BatchNorm2d at inference, over the last (channel) axis: (x - mean) / sqrt(var + eps) * weight + bias."""
-    return (x - running_mean) / np.sqrt(running_var + np.float32(eps)) * weight + bias
+    return (x - running_mean) / np.sqrt(running_var + x.dtype.type(eps)) * weight + bias
 
 
 def relu(x):
     return np.maximum(x, 0)
 
 
-def _bilinear_taps(size_in: int, size_out: int):
+def bilinear_taps(size_in: int, size_out: int):
     """Source indices and weights of 1-D linear interpolation, torch's `align_corners=False` convention.
 
     Output pixel i samples the input at x = (i + 0.5) * size_in / size_out - 0.5 (pixel centres aligned), clamped
@@ -121,9 +134,10 @@ def _resize_axis(x, axis: int, size_out: int):
     size_in = x.shape[axis]
     if size_in == size_out:
         return x  # torch: scale 1 gives weights (1, 0) exactly, an identity
-    i0, i1, t, one_minus_t = _bilinear_taps(size_in, size_out)
+    i0, i1, t, one_minus_t = bilinear_taps(size_in, size_out)
     shape = [1] * x.ndim
     shape[axis] = size_out
+    t, one_minus_t = t.astype(x.dtype), one_minus_t.astype(x.dtype)  # float32 taps, as torch: exact in float64 too
     return np.take(x, i0, axis=axis) * one_minus_t.reshape(shape) + np.take(x, i1, axis=axis) * t.reshape(shape)
 
 
@@ -137,3 +151,43 @@ def resize_bilinear(x, size, axes=(-2, -1)):
     ax_h, ax_w = (a % x.ndim for a in axes)
     out_h, out_w = size
     return _resize_axis(_resize_axis(x, ax_w, out_w), ax_h, out_h)
+
+
+def add_resized(out, x):
+    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps `(B, H, W, C)`; returns `out`.
+
+    The fused decoder's upsample-and-sum (`decoder.fused_decode_head`)."""
+    out += resize_bilinear(x, out.shape[1:3], axes=(1, 2))
+    return out
+
+
+def resized_argmax(logits, size, band_rows: int = 64):
+    """argmax over classes of `logits: (C, h, w)` bilinearly resized to `size` -> `(H, W)` int64 class ids.
+
+    HF's post-processing, in bands of output rows (`resize_rows`): the same numbers as resizing the whole (C, H, W)
+    stack at once, but memory stays O(C * band_rows * W) -- a 150-class map of a 6000 x 4000 photo would need 14 GB.
+    """
+    x = logits.transpose(1, 2, 0)  # (h, w, C), a view
+    seg = np.empty(size, dtype=np.int64)
+    for start in range(0, size[0], band_rows):
+        stop = min(start + band_rows, size[0])
+        seg[start:stop] = resize_rows(x, size, start, stop).argmax(axis=-1)
+    return seg
+
+
+def resize_rows(x, size, start: int, stop: int, in_h: int | None = None, offset: int = 0):
+    """Rows `start:stop` of `resize_bilinear(full, size, axes=(0, 1))`, computed from the rows of `full` they need.
+
+    `x: (r, w, C)` holds rows `offset .. offset + r` of an `(in_h, w, C)` map `full` (default: all of it). Same
+    numbers, bit for bit, as resizing the whole map (width first, then the same two-tap sum along the height); what
+    lets huge outputs be made band by band (`resized_argmax`, and the sliding-window inference).
+    """
+    in_h = x.shape[0] if in_h is None else in_h
+    out_h, out_w = size
+    if in_h == out_h:
+        return resize_bilinear(x[start - offset : stop - offset], (stop - start, out_w), axes=(0, 1))
+    i0, i1, t, one_minus_t = (a[start:stop] for a in bilinear_taps(in_h, out_h))
+    lo, hi = int(i0[0]), int(i1[-1]) + 1  # the taps rise with the row, so these bound the rows needed
+    wide = resize_bilinear(x[lo - offset : hi - offset], (hi - lo, out_w), axes=(0, 1))  # along the width only
+    t, one_minus_t = t.astype(x.dtype)[:, None, None], one_minus_t.astype(x.dtype)[:, None, None]
+    return wide[i0 - lo] * one_minus_t + wide[i1 - lo] * t

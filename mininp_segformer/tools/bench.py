@@ -1,8 +1,8 @@
 """Benchmark: mininp_segformer beside PyTorch (transformers) and ONNX Runtime, same checkpoint, same input.
 
-    python -m mininp_segformer.bench                         # B0 at 512 x 512, random weights
-    python -m mininp_segformer.bench --variant b2 --runs 10
-    python -m mininp_segformer.bench --model path/to/checkpoint --threads 2
+    python -m mininp_segformer.tools.bench                         # B0 at 512 x 512, random weights
+    python -m mininp_segformer.tools.bench --variant b2 --runs 10
+    python -m mininp_segformer.tools.bench --model path/to/checkpoint --threads 2
 
 Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
 between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
@@ -253,11 +253,11 @@ def format_profile(rows, macs: dict[str, int], title: str) -> str:
 
 def prepare_model(args, tmp: Path) -> tuple[str, object]:
     """The checkpoint directory to benchmark and its config: --model, or random weights for --variant."""
-    from .config import SegformerConfig, variant_config
-    from .weights import random_state_dict, save_checkpoint
+    from ..config import SegformerConfig, variant_config
+    from ..weights import random_state_dict, save_checkpoint
 
     if args.model:
-        from .hub import resolve
+        from ..hub import resolve
 
         directory = resolve(args.model)
         return str(directory), SegformerConfig.from_json(directory / "config.json")
@@ -267,7 +267,7 @@ def prepare_model(args, tmp: Path) -> tuple[str, object]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mininp_segformer.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mininp_segformer.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory or Hub name (default: random weights of --variant)")
     p.add_argument("--variant", default="b0", choices=["b0", "b1", "b2", "b3", "b4", "b5"])
     p.add_argument("--num-labels", type=int, default=150)
@@ -286,9 +286,9 @@ def main(argv=None) -> int:
     from .flops import count_macs
 
     if args.profile:
-        from . import kernels, load
+        from .. import load, set_num_threads
 
-        kernels.set_num_threads(args.threads)
+        set_num_threads(args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             model_dir, config = prepare_model(args, Path(tmp))
             model = load(model_dir)
