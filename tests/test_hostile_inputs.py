@@ -269,7 +269,11 @@ def test_the_estimate_is_near_the_measured_peak():
               estimate_forward_bytes(config, 1, 768, 768))
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), MININP_SEGFORMER_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    # Twice: a first process may compile the kernels (numba's compiler alone can peak above the forward, which
+    # would hide it); the second loads them from numba's cache, so its peak is the forward's.
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
     measured, estimate = map(int, r.stdout.split())
     assert 0.75 * measured < estimate < 1.5 * measured, (measured, estimate)
 
