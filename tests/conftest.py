@@ -135,13 +135,16 @@ def load_fixture(name: str) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def build_model(meta: dict, decoder: str = "fused"):
+BACKENDS = ("numba", "numpy")  # Segformer(backend=...): the numba kernels, and the plain-NumPy functions
+
+
+def build_model(meta: dict, decoder: str = "fused", backend: str = "numba"):
     """Our Segformer with the weights the fixture script gave HF: same config, head, seed (and statistics)."""
     from mininp_segformer import Segformer, SegformerConfig
 
     config = SegformerConfig.from_dict(meta["config"])
     state = weights_for(meta)
-    return Segformer(config, state, decoder=decoder), config, state
+    return Segformer(config, state, decoder=decoder, backend=backend), config, state
 
 
 def weights_for(meta: dict) -> dict:

@@ -64,10 +64,10 @@ def test_fused_count_matches_the_folded_weights():
     config = variant_config("b0", 11)
     folded = fold_decode_head(unflatten(random_state_dict(config, seed=0))["decode_head"])
     sizes = stage_sizes(config, 96, 160)
-    expected = sum(h * w * a.size for (h, w), a in zip(sizes, folded["stage_weights"]))
+    expected = sum(h * w * a.size for (h, w), a in zip(sizes, folded.stage_weights))
     macs = count_macs(config, 96, 160, decoder="fused")
     assert macs["decoder.stage_projections"] == expected
-    assert macs["decoder.classifier"] == sizes[0][0] * sizes[0][1] * folded["classifier"]["weight"].size
+    assert macs["decoder.classifier"] == sizes[0][0] * sizes[0][1] * folded.classifier_weight.size
 
 
 def test_stage_sizes_are_the_models():

@@ -248,6 +248,64 @@ def test_set_num_threads_sets_numba_and_blas_together():
         threads.set_num_threads()
 
 
+def test_every_kernel_has_a_twin_with_its_signature():
+    """kernels.TWINS: each numba kernel stands in for the layers function of the same name and parameters, and the
+    kernels module is a complete ops namespace for the network (what it has no kernel for, it takes from layers)."""
+    import inspect
+
+    for name in kernels.TWINS:
+        assert inspect.signature(getattr(kernels, name)) == inspect.signature(getattr(layers, name)), name
+    for name in ("batch_norm", "relu", "resize_bilinear"):
+        assert getattr(kernels, name) is getattr(layers, name)
+
+
+def test_kernel_softmax_leaves_its_input_unless_asked():
+    x = randn(3, 7) * 4
+    before = x.copy()
+    p = kernels.softmax(x)
+    np.testing.assert_array_equal(x, before)  # like layers.softmax: a new array
+    assert kernels.softmax(x, out=x) is x
+    np.testing.assert_array_equal(x, p)
+    out = np.empty_like(x)
+    assert kernels.softmax(before, out=out) is out
+    with pytest.raises(ValueError, match="last axis"):
+        kernels.softmax(before, axis=0)
+
+
+# b0: within 1e-6 of the tensor's max. Deeper and wider variants gather more float32 rounding on the way: b1 up to
+# 1.4e-6 on its logits, b3 1.3e-6 (at 65 x 77) -- as far apart as each is from torch, and as far as our float32 is
+# from our float64 (test_parity.test_float64_numpy_backend).
+@pytest.mark.parametrize("variant,size,decoder,rtol", [("b0", (61, 93), "fused", 1e-6), ("b1", (33, 40), "literal", 2e-6)])
+def test_the_two_backends_agree(variant, size, decoder, rtol):
+    """backend="numba" and backend="numpy" in float32: every hidden state and the logits within `rtol` of the
+    tensor's max (the same computation, summed in another order)."""
+    import mininp_segformer as ms
+    from mininp_segformer.weights import random_state_dict
+
+    config = variant_config(variant, num_labels=5)
+    state = random_state_dict(config, seed=3)
+    x = randn(2, 3, *size)
+    outs = [ms.Segformer(config, state, decoder=decoder, backend=b)(x, output_hidden_states=True)
+            for b in ("numba", "numpy")]
+    for i in range(4):
+        assert_close(f"{variant} hidden_state_{i}", outs[0].hidden_states[i], outs[1].hidden_states[i], rtol)
+    assert_close(f"{variant} logits", outs[0].logits, outs[1].logits, rtol)
+
+
+def test_backend_and_dtype_are_checked():
+    import mininp_segformer as ms
+    from mininp_segformer.weights import random_state_dict
+
+    config = variant_config("b0", num_labels=3)
+    state = random_state_dict(config, seed=0)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ms.Segformer(config, state, backend="torch")
+    with pytest.raises(ValueError, match="float32 only"):
+        ms.Segformer(config, state, backend="numba", dtype="float64")
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ms.Segformer(config, state, backend="numpy", dtype="float16")
+
+
 def test_linear_kernel_equals_its_twin():
     x, w, b = randn(2, 37, 19), randn(23, 19), randn(23)
     np.testing.assert_array_equal(kernels.linear(x, w, b), layers.linear(x, w, b))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import (FIXTURES_DIR, PHOTOS, REPO_ROOT, array_digest, assert_close, assert_maps_match, bilinear_at,
+from tests.conftest import (BACKENDS, FIXTURES_DIR, PHOTOS, REPO_ROOT, array_digest, assert_close, assert_maps_match, bilinear_at,
                             build_model, check_input_digest, load_fixture, random_logits, random_pixel_values,
                             smooth_image, weights_for)
 
@@ -31,24 +31,25 @@ TIE_RTOL = 5e-6            # argmax maps may differ only where our two competing
 REAL_ENV = "MININP_SEGFORMER_REAL_B0_ADE"
 
 
-def _model_outputs(name, out, ref: dict, meta: dict, rtol=MODEL_RTOL, prefix=""):
-    """Compare every hidden_state_i / attention_j / logits the fixture holds; returns how many were compared."""
+def _model_outputs(name, out, ref: dict, meta: dict, rtol=MODEL_RTOL, prefix="", dtype=np.float32):
+    """Compare every hidden_state_i / attention_j / logits the fixture holds (ours of `dtype`); returns how many were
+    compared."""
     n = 0
     for key in sorted(ref):
         if key.startswith("hidden_state_"):
             i = int(key.rsplit("_", 1)[1])
             assert out.hidden_states is not None, f"{name}: hidden_states not returned"
             assert len(out.hidden_states) == 4, f"{name}: {len(out.hidden_states)} hidden states, expected 4"
-            assert_close(f"{name} {prefix}{key}", out.hidden_states[i], ref[key], rtol)
+            assert_close(f"{name} {prefix}{key}", out.hidden_states[i], ref[key], rtol, dtype=dtype)
         elif key.startswith("attention_"):
             j = int(key.rsplit("_", 1)[1])
             assert out.attentions is not None, f"{name}: attentions not returned"
             assert len(out.attentions) == meta["num_attentions"], (
                 f"{name}: {len(out.attentions)} attentions, transformers returns {meta['num_attentions']} "
                 "(one per layer, stage-major)")
-            assert_close(f"{name} {prefix}{key}", out.attentions[j], ref[key], rtol)
+            assert_close(f"{name} {prefix}{key}", out.attentions[j], ref[key], rtol, dtype=dtype)
         elif key == "logits":
-            assert_close(f"{name} logits", out.logits, ref[key], rtol)
+            assert_close(f"{name} logits", out.logits, ref[key], rtol, dtype=dtype)
         else:
             continue
         n += 1
@@ -59,12 +60,12 @@ def _model_outputs(name, out, ref: dict, meta: dict, rtol=MODEL_RTOL, prefix="")
 # a. B0-ADE (weights drawn from the real per-tensor statistics) on the three photos of ../shared/images
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def photo_model():
+@pytest.fixture(scope="module", params=BACKENDS)
+def photo_model(request):
     _, meta = load_fixture("a_b0_ade_coco")
     for tag in PHOTOS:
         assert load_fixture(f"a_b0_ade_{tag}")[1]["weights"] == meta["weights"], "photo fixtures use other weights"
-    model, config, _ = build_model(meta)
+    model, config, _ = build_model(meta, backend=request.param)
     return model
 
 
@@ -125,39 +126,43 @@ def test_photo_model(tag, shared_dir, photo_model):
 # b-e. Random inputs: batch and odd sizes, other label counts, every variant, the classification head, the backbone
 # ----------------------------------------------------------------------------------------------------------------
 
-def _random_case(name, decoder="fused"):
+def _random_case(name, decoder="fused", backend="numba"):
     ref, meta = load_fixture(name)
     x = random_pixel_values(meta["input"]["seed"], meta["input"]["shape"])
     check_input_digest(name, x, meta)
-    model, config, _ = build_model(meta, decoder)
+    model, config, _ = build_model(meta, decoder, backend)
     return ref, meta, x, model
 
 
-# The fused decode head (the default) and the literal one (Eq. 4 as written) are both held to transformers.
+# Both backends (the numba kernels and the plain-NumPy functions) and both decode heads (the fused default and
+# Eq. 4 as written) are held to transformers.
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decoder", ["fused", "literal"])
-def test_b0_ade_batch2_odd_size(decoder):
+def test_b0_ade_batch2_odd_size(decoder, backend):
     """B0-ADE, batch of 2 at 97 x 211: all 4 hidden states, all 8 attentions, logits."""
-    ref, meta, x, model = _random_case("b_b0_ade_batch2_97x211", decoder)
+    ref, meta, x, model = _random_case("b_b0_ade_batch2_97x211", decoder, backend)
     out = model(x, output_hidden_states=True, output_attentions=True)
-    n = _model_outputs(f"b0-ade 2x97x211 ({decoder} decoder)", out, ref, meta)
+    n = _model_outputs(f"b0-ade 2x97x211 ({decoder} decoder, {backend})", out, ref, meta)
     assert n == 4 + 8 + 1, f"compared {n} tensors"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("decoder", ["fused", "literal"])
-def test_b0_7_labels_512x683(decoder):
-    ref, meta, x, model = _random_case("c_b0_7labels_512x683", decoder)
+def test_b0_7_labels_512x683(decoder, backend):
+    ref, meta, x, model = _random_case("c_b0_7labels_512x683", decoder, backend)
     out = model(x, output_hidden_states=True)
     assert out.logits.shape == (1, 7, 128, 171)
-    n = _model_outputs(f"b0 7 labels 512x683 ({decoder} decoder)", out, ref, meta)
+    n = _model_outputs(f"b0 7 labels 512x683 ({decoder} decoder, {backend})", out, ref, meta)
     assert n == 3, f"compared {n} tensors"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", ["b1", "b2", "b3", "b4", "b5"])
-def test_variant(variant):
+def test_variant(variant, backend):
     """MiT-b1..b5 (variant_config(name, 19)) at 65 x 77: hidden states, attentions of every layer, logits."""
     from mininp_segformer import SegformerConfig, variant_config
 
-    ref, meta, x, model = _random_case(f"d_{variant}_19labels_65x77")
+    ref, meta, x, model = _random_case(f"d_{variant}_19labels_65x77", backend=backend)
     assert variant_config(variant, num_labels=19) == SegformerConfig.from_dict(meta["config"]), (
         f"variant_config({variant!r}, 19) is not the config the fixture was made with")
     out = model(x, output_hidden_states=True, output_attentions=True)
@@ -165,12 +170,13 @@ def test_variant(variant):
     assert n == 4 + meta["num_attentions"] + 1, f"{variant}: compared {n} tensors"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reshape", [True, False])
-def test_classification_head(reshape):
+def test_classification_head(reshape, backend):
     """SegformerForImageClassification (b0, 10 labels), batch 2, reshape_last_stage True / False.
 
     With reshape_last_stage=False transformers returns the last hidden state as (B, H*W, C) tokens."""
-    ref, meta, x, model = _random_case(f"e_classification_b0_reshape_{str(reshape).lower()}")
+    ref, meta, x, model = _random_case(f"e_classification_b0_reshape_{str(reshape).lower()}", backend=backend)
     assert model.config.reshape_last_stage is reshape
     out = model(x, output_hidden_states=True)
     assert out.logits.shape == (2, 10)
@@ -179,9 +185,10 @@ def test_classification_head(reshape):
     assert n == 4 + 1, f"compared {n} tensors"
 
 
-def test_backbone():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backbone(backend):
     """SegformerModel (no head): last_hidden_state."""
-    ref, meta, x, model = _random_case("e_backbone_b0")
+    ref, meta, x, model = _random_case("e_backbone_b0", backend=backend)
     out = model(x)
     assert_close("backbone last_hidden_state", out.last_hidden_state, ref["last_hidden_state"], MODEL_RTOL)
 
@@ -323,7 +330,8 @@ def test_parity_tests_never_import_torch_or_transformers():
 # k. The trained demo model (weights/segformer-b0-shapes) on held-out scene 7
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_demo_model_against_transformers():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_model_against_transformers(backend):
     """A trained model rather than random weights: preprocessing, every hidden state and attention, logits, map."""
     import hashlib
 
@@ -334,7 +342,7 @@ def test_demo_model_against_transformers():
     directory = REPO_ROOT / meta["model"]
     digest = hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
     assert digest == meta["model_sha256"], "the demo model changed: regenerate with `python tests/make_fixtures.py k`"
-    model = ms.load(directory)
+    model = ms.load(directory, backend=backend)
     image, _ = make_scene(meta["scene_seed"], size=tuple(meta["size"]))
     x = ms.preprocess(image, size=model.image_size)
     assert_close("demo pixel_values", x, ref["pixel_values"], PREPROCESS_RTOL)
@@ -460,3 +468,26 @@ def test_parity_compare_masks_only_machine_dependent_figures(capsys):
         parity.compare("logits", ref * np.nan, ref)
     assert sanitized(parity.approx(-2.4107015, ".6f")) == sanitized(parity.approx(-2.4107022, ".6f"))
     assert parity.relative_error(ref + np.float32(0.25), ref) == 0.25 / 23.5  # exact sums in float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float64: the plain-NumPy backend in double precision, against transformers' float32 and against our float32
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_float64_numpy_backend():
+    """In float64 our model sits within transformers' own float32 noise of its outputs, and our float32 run within
+    that noise of the float64 one: the float32 errors are rounding, not a difference in the computation."""
+    from mininp_segformer import Segformer
+
+    ref, meta, x, model32 = _random_case("b_b0_ade_batch2_97x211", backend="numpy")
+    model64 = Segformer(model32.config, weights_for(meta), backend="numpy", dtype="float64")
+    out64 = model64(x.astype(np.float64), output_hidden_states=True, output_attentions=True)
+    assert out64.logits.dtype == np.float64 and all(h.dtype == np.float64 for h in out64.hidden_states)
+    n = _model_outputs("b0-ade 2x97x211 (numpy, float64)", out64, ref, meta, dtype=np.float64)
+    assert n == 4 + 8 + 1
+    out32 = model32(x, output_hidden_states=True)
+    for i, h in enumerate(out32.hidden_states):
+        assert_close(f"float32 vs float64 hidden_state_{i}", h, out64.hidden_states[i], 4e-6)
+    assert_close("float32 vs float64 logits", out32.logits, out64.logits, 4e-6)
+    seg64, seg32 = out64.logits.argmax(1), out32.logits.argmax(1)
+    assert (seg64 != seg32).mean() < 1e-3  # only near ties may flip

@@ -34,11 +34,10 @@ from .layers import batch_norm, bilinear_taps, conv_output_size, conv_weight_mat
 TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
 
-# numba's threading layer. With its OpenMP layer, the threads keep spinning after each parallel loop and compete with
-# OpenBLAS's threads for the same cores (B0 at 512 x 512, 2 cores: 184 vs 147 ms idle, 3-8x slower when another
-# process is busy); the workqueue layer lets them sleep.
-# workqueue runs one parallel region at a time per process, so the public kernels below take _LOCK: callers on
-# several Python threads queue instead of aborting. NUMBA_THREADING_LAYER, if set, is left to rule.
+# numba's threading layer: workqueue, whose threads sleep between parallel loops; OpenMP's keep spinning and compete
+# with OpenBLAS's threads for the same cores (measured in docs/performance.md, "Threads"). workqueue runs one
+# parallel region at a time per process, so the public kernels below take _LOCK: callers on several Python threads
+# queue instead of aborting. NUMBA_THREADING_LAYER, if set, is left to rule.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
@@ -120,7 +119,7 @@ def _exp_into(x, out, bits):
 
 
 @njit(inline="always", **_FLAGS)
-def _gelu_into(x, out, t, z, bits):
+def gelu_into(x, out, t, z, bits):
     """out[:] = GELU(x[:]) through erfc (see the module docstring); t, z, bits are scratch. `out` may be `x`."""
     for j in range(x.shape[0]):
         a = abs(x[j]) * np.float32(0.7071067811865476)
@@ -149,7 +148,7 @@ def _gelu(x):
     out = np.empty_like(rows)
     c = rows.shape[1]
     for i in prange(rows.shape[0]):
-        _gelu_into(rows[i], out[i], np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.int32))
+        gelu_into(rows[i], out[i], np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.int32))
     return out.reshape(x.shape)
 
 
@@ -172,7 +171,8 @@ def _softmax(x):
 
 
 @njit(parallel=True, **_FLAGS)
-def _layer_norm(x, weight, bias, eps):
+def layer_norm_rows(x, weight, bias, eps):
+    """The compiled LayerNorm behind `layer_norm`: each row of `x: (..., C)` in parallel, its sums in a fixed order."""
     rows = x.reshape(-1, x.shape[-1])
     out = np.empty_like(rows)
     c = rows.shape[1]
@@ -216,7 +216,7 @@ def _depthwise_conv3x3(x, weight, bias, apply_gelu):
                         row[j, ch] += x[n, y, j + dx, ch] * weight[ky, kx, ch]
         if apply_gelu:
             flat = row.reshape(w * c)
-            _gelu_into(flat, flat, np.empty(w * c, np.float32), np.empty(w * c, np.float32),
+            gelu_into(flat, flat, np.empty(w * c, np.float32), np.empty(w * c, np.float32),
                        np.empty(w * c, np.int32))
     return out
 
@@ -294,14 +294,16 @@ def _f32(x):
 
 
 def gelu(x):
-    """Exact-erf GELU (twin of `layers.gelu`)."""
+    """Exact-erf GELU, erfc by a Chebyshev fit that vectorises (twin of `layers.gelu`)."""
     x = _f32(x)
     with _LOCK:
         return _gelu(x)
 
 
 def softmax(x, axis=-1, out=None):
-    """Softmax over the last axis (twin of `layers.softmax`); `out`: where to write it (may be `x`), else a new array."""
+    """Softmax over the last axis, exp by a degree-7 polynomial that vectorises (twin of `layers.softmax`).
+
+    `out`: where to write it (may be `x`: in place, as attention does), else a new array."""
     if axis not in (-1, np.ndim(x) - 1):
         raise ValueError(f"kernels.softmax works over the last axis only; got axis={axis} (use layers.softmax)")
     if out is None:
@@ -315,14 +317,16 @@ def softmax(x, axis=-1, out=None):
 
 
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
-    """LayerNorm over the last axis (twin of `layers.layer_norm`)."""
+    """LayerNorm over the last axis: per row mean, variance and output in three short loops, no temporaries (twin of
+    `layers.layer_norm`)."""
     x = _f32(x)
     with _LOCK:
-        return _layer_norm(x, weight, bias, eps)
+        return layer_norm_rows(x, weight, bias, eps)
 
 
 def depthwise_conv3x3(x, weight, bias):
-    """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)` (twin of `layers.depthwise_conv3x3`)."""
+    """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`: row by row, the borders by loop bounds, no
+    padded copy (twin of `layers.depthwise_conv3x3`)."""
     return _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu=False)
 
 
@@ -348,7 +352,8 @@ def linear(x, weight, bias=None):
 
 
 def im2col(x, kernel: int, stride: int, padding: int):
-    """`x: (B, H, W, C)` -> `(B, H_out, W_out, k * k * C)` (twin of `layers.im2col`)."""
+    """`x: (B, H, W, C)` -> `(B, H_out, W_out, k * k * C)`, in parallel over output rows, no padded copy (twin of
+    `layers.im2col`)."""
     h_out = conv_output_size(x.shape[1], kernel, stride, padding)
     w_out = conv_output_size(x.shape[2], kernel, stride, padding)
     x = _f32(x)
@@ -357,12 +362,13 @@ def im2col(x, kernel: int, stride: int, padding: int):
 
 
 def conv2d(x, weight, bias, stride: int, padding: int):
-    """nn.Conv2d as im2col + one matmul (twin of `layers.conv2d`)."""
+    """nn.Conv2d as `kernels.im2col` + one product (twin of `layers.conv2d`)."""
     return linear(im2col(x, weight.shape[-1], stride, padding), conv_weight_matrix(weight), bias)
 
 
 def add_resized(out, x):
-    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps, in one pass; returns out."""
+    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps: upsample and accumulate in one
+    pass; returns out (twin of `layers.add_resized`)."""
     (_, oh, ow, _), (_, h, w, _) = out.shape, x.shape
     i0, i1, th, _ = bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
     j0, j1, tw, _ = bilinear_taps(w, ow)

@@ -161,16 +161,19 @@ def add_resized(out, x):
     return out
 
 
-def resized_argmax(logits, size, band_rows: int = 64):
+BAND_ROWS = 64  # output rows `resized_argmax` makes at a time
+
+
+def resized_argmax(logits, size):
     """argmax over classes of `logits: (C, h, w)` bilinearly resized to `size` -> `(H, W)` int64 class ids.
 
     HF's post-processing, in bands of output rows (`resize_rows`): the same numbers as resizing the whole (C, H, W)
-    stack at once, but memory stays O(C * band_rows * W) -- a 150-class map of a 6000 x 4000 photo would need 14 GB.
+    stack at once, but memory stays O(C * BAND_ROWS * W) -- a 150-class map of a 6000 x 4000 photo would need 14 GB.
     """
     x = logits.transpose(1, 2, 0)  # (h, w, C), a view
     seg = np.empty(size, dtype=np.int64)
-    for start in range(0, size[0], band_rows):
-        stop = min(start + band_rows, size[0])
+    for start in range(0, size[0], BAND_ROWS):
+        stop = min(start + BAND_ROWS, size[0])
         seg[start:stop] = resize_rows(x, size, start, stop).argmax(axis=-1)
     return seg
 

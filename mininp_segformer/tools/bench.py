@@ -183,60 +183,86 @@ def predict_process(framework, model_dir, onnx_path, threads) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-# What the profile attributes time to: (module, function) -> label. Times are exclusive: a function's own time
-# without the time of the other labelled functions it calls.
-_PROFILED = {
-    ("encoder", "conv2d"): "patch merging conv (im2col + matmul)",
-    ("attention", "spatial_reduction"): "spatial-reduction tiling (reshape)",
-    ("encoder", "layer_norm"): "LayerNorm",
-    ("attention", "layer_norm"): "LayerNorm",
+# What the profile attributes time to. Components are the network's functions that the forward pass calls by name
+# (wrapped in their modules while profiling); ops are the building blocks, timed through a wrapped `ops` namespace
+# and labelled by the component they run in. Times are exclusive: a call's own time without its timed callees.
+PROFILED_COMPONENTS = {
+    ("nn.encoder", "overlap_patch_merging"): "patch merging",
+    ("nn.encoder", "transformer_block"): "block",
+    ("nn.encoder", "efficient_self_attention"): "attention",
+    ("nn.attention", "spatial_reduction"): "spatial reduction",
+    ("nn.encoder", "mix_ffn"): "Mix-FFN",
+    ("model", "fused_decode_head"): "decoder, fused",
+    ("model", "all_mlp_decode_head"): "decoder, literal",
+}
+PROFILE_LABELS = {  # (component, op; None: the component's own time) -> label
+    ("patch merging", None): "patch merging conv (im2col + matmul)",
+    ("patch merging", "conv2d"): "patch merging conv (im2col + matmul)",
+    ("block", None): "residual adds and reshapes",
+    ("attention", None): "attention QK^T, AV and head reshapes",
     ("attention", "linear"): "attention linears (q, k, v, out, reduction)",
     ("attention", "softmax"): "attention softmax",
-    ("encoder", "efficient_self_attention"): "attention QK^T, AV and head reshapes",
-    ("encoder", "linear"): "Mix-FFN linears",
-    ("encoder", "depthwise_conv3x3_gelu"): "Mix-FFN depthwise conv + GELU",
-    ("encoder", "transformer_block"): "residual adds and reshapes",
-    ("model", "fused_decode_head"): "decoder, fused (products, upsample-add, classifier)",
-    ("model", "all_mlp_decode_head"): "decoder, literal (Eq. 4 in NumPy)",
+    ("spatial reduction", None): "spatial-reduction tiling (reshape)",
+    ("spatial reduction", "linear"): "attention linears (q, k, v, out, reduction)",
+    ("Mix-FFN", None): "residual adds and reshapes",
+    ("Mix-FFN", "linear"): "Mix-FFN linears",
+    ("Mix-FFN", "depthwise_conv3x3_gelu"): "Mix-FFN depthwise conv + GELU",
+    ("decoder, fused", None): "decoder, fused (products, upsample-add, classifier)",
+    ("decoder, literal", None): "decoder, literal (Eq. 4 as written)",
 }
+
+
+def _label(component: str | None, op: str | None) -> str:
+    if op == "layer_norm":
+        return "LayerNorm"
+    return PROFILE_LABELS.get((component, op)) or PROFILE_LABELS.get((component, None)) or "other (model glue)"
 
 
 def profile(model, x, repeats: int = 3) -> list[tuple[str, float]]:
     """The exclusive time of each labelled op in one forward pass (median of `repeats`), largest first."""
     import importlib
+    import types
 
     totals: dict[str, list[float]] = {}
-    stack: list[float] = []  # time spent in labelled children of each open call
     run: dict[str, float] = {}  # this pass's exclusive times
+    open_calls: list[list] = []  # [component, time spent in timed callees] of each call in progress
 
-    def timed(label, fn):
+    def timed(fn, component=None, op=None):
         def wrapper(*args, **kwargs):
-            stack.append(0.0)
+            inside = component or (open_calls[-1][0] if open_calls else None)
+            open_calls.append([inside, 0.0])
             t = time.perf_counter()
-            out = fn(*args, **kwargs)
-            elapsed = time.perf_counter() - t
-            children = stack.pop()
-            run[label] = run.get(label, 0.0) + elapsed - children
-            if stack:
-                stack[-1] += elapsed
-            return out
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - t
+                _, children = open_calls.pop()
+                label = _label(inside, op)
+                run[label] = run.get(label, 0.0) + elapsed - children
+                if open_calls:
+                    open_calls[-1][1] += elapsed
         return wrapper
 
     originals = {}
-    for (mod_name, fn_name), label in _PROFILED.items():
+    for (mod_name, fn_name), component in PROFILED_COMPONENTS.items():
         mod = importlib.import_module(f"mininp_segformer.{mod_name}")
         originals[(mod, fn_name)] = getattr(mod, fn_name)
-        setattr(mod, fn_name, timed(label, getattr(mod, fn_name)))
+        setattr(mod, fn_name, timed(getattr(mod, fn_name), component=component))
+    ops = model.ops
+    model.ops = types.SimpleNamespace(**{name: timed(fn, op=name) for name, fn in vars(ops).items()
+                                         if callable(fn) and not name.startswith("_")})
     try:
         model(x)  # warm-up
         for _ in range(repeats):
             run.clear()
             t = time.perf_counter()
             model(x)
-            run["other (model glue)"] = time.perf_counter() - t - sum(run.values())
+            glue = time.perf_counter() - t - sum(run.values())
+            run["other (model glue)"] = run.get("other (model glue)", 0.0) + glue
             for label, sec in run.items():
                 totals.setdefault(label, []).append(sec)
     finally:
+        model.ops = ops
         for (mod, fn_name), fn in originals.items():
             setattr(mod, fn_name, fn)
     return sorted(((label, statistics.median(v)) for label, v in totals.items()), key=lambda kv: -kv[1])
