@@ -21,11 +21,10 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
-from ..hub import _is_terminal
+from tqdm import tqdm
 
 PROG = "mininp-segformer"
 DEMO_MODEL = "segformer-b0-shapes"
@@ -171,49 +170,37 @@ def _set_limits(threads: int | None, max_memory: int | float | None, max_pixels:
 
 
 class _Progress:
-    """A progress bar on a terminal (redrawn in place), plain lines elsewhere (logs, pipes)."""
+    """Images done: tqdm's bar on a terminal, one plain line per image elsewhere (logs, pipes), only errors when
+    `quiet`. Messages go above the bar."""
 
     def __init__(self, total: int, stream, quiet: bool):
         self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet
-        self.live = not quiet and _is_terminal(stream)
-        self.last_draw = 0.0
-
-    def _draw(self, note: str = "") -> None:
-        width = 24
-        bar = "#" * int(width * self.done / max(self.total, 1))
-        self.stream.write(f"\r[{bar:<{width}}] {self.done}/{self.total} images {note}".ljust(79)[:120])
-        self.stream.flush()
+        self.bar = tqdm(total=total, unit="image", mininterval=0.1, miniters=0, file=stream,
+                        disable=True if quiet else None)  # miniters=0: `windows` may redraw (update(0))
 
     def windows(self, done: int, total: int) -> None:
         """Progress within the current image (sliding windows, TTA runs), redrawn at most ten times a second."""
-        if self.live and time.monotonic() - self.last_draw >= 0.1:
-            self._draw(f"(current image: {done}/{total} network runs)")
-            self.last_draw = time.monotonic()
+        self.bar.set_postfix_str(f"current image: {done}/{total} network runs", refresh=False)
+        self.bar.update(0)
 
     def finished(self, result: dict) -> None:
         self.done += 1
+        self.bar.set_postfix_str("", refresh=False)
+        self.bar.update(1)
         if "error" in result:
             self.message(f"{PROG}: {result['image']}: {result['error']}")
             if result.get("traceback"):
                 self.message(result["traceback"].rstrip())
-        elif self.live:
-            self._draw()
-        elif not self.quiet:
+        elif self.bar.disable and not self.quiet:
             self.message(f"[{self.done}/{self.total}] {result['image']} -> {result['label_map']} "
                          f"({result['seconds']:.1f} s)")
 
     def message(self, line: str) -> None:
-        if self.live:
-            self.stream.write("\r" + " " * 79 + "\r")
-        self.stream.write(line + "\n")
-        if self.live:
-            self._draw()
+        tqdm.write(line, file=self.stream)  # clears the bar, writes the line, redraws the bar below it
         self.stream.flush()
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def _run_all(items, args, model, directory, options, progress: _Progress) -> list[dict]:
