@@ -18,6 +18,7 @@ from mininp_segformer import inference, load
 from mininp_segformer.tools import cli, viz
 from mininp_segformer.tools.flops import count_macs, summarize
 from mininp_segformer.tools.metrics import evaluate
+from mininp_segformer.weights import count_parameters
 from tests.conftest import REPO_ROOT, smooth_image
 from tests.tiny_checkpoint import make_checkpoint
 
@@ -182,7 +183,7 @@ def test_models_download_info(checkpoint, tmp_path):
     r = run("info", checkpoint, "--size", "64", "96")
     assert r.returncode == 0, r.stderr
     model = load(checkpoint)
-    assert f"parameters:   {cli.count_parameters(model.params):,}" in r.stdout
+    assert f"parameters:   {count_parameters(model.config, model.head):,}" in r.stdout
     fused = summarize(count_macs(model.config, 64, 96, "fused"))["total"] / 1e9
     assert f"MACs at 64 x 96 (fused decoder): {fused:.3f} G" in r.stdout
 

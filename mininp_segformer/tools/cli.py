@@ -317,39 +317,26 @@ def cmd_download(args) -> int:
     return 0
 
 
-def count_parameters(tree) -> int:
-    """Parameters in a model's tensor tree (BatchNorm running statistics are buffers, not counted)."""
-    if isinstance(tree, dict):
-        return sum(count_parameters(v) for k, v in tree.items() if k not in ("running_mean", "running_var"))
-    if isinstance(tree, list):
-        return sum(count_parameters(v) for v in tree)
-    return int(tree.size)
-
-
 def _describe_model(name: str, revision: str):
-    """(config, head, image size, parameter count, source) of a checkpoint or of a variant name b0..b5."""
-    import math
-
+    """(config, head, image size, source) of a checkpoint or of a variant name b0..b5."""
     from ..config import VARIANTS, variant_config
-    from ..weights import SEMANTIC, expected_shapes
+    from ..weights import SEMANTIC
 
     if name.lower() in VARIANTS:
-        config = variant_config(name.lower())
-        params = sum(math.prod(s) for k, s in expected_shapes(config, SEMANTIC).items()
-                     if not k.endswith(("running_mean", "running_var")))
-        return config, SEMANTIC, (512, 512), params, f"MiT-{name.upper()} variant (150 generic labels, no weights)"
+        return (variant_config(name.lower()), SEMANTIC, (512, 512),
+                f"MiT-{name.upper()} variant (150 generic labels, no weights)")
     from ..model import load
 
     model = load(name, revision=revision)
-    return model.config, model.head, model.image_size, count_parameters(model.params), str(name)
+    return model.config, model.head, model.image_size, str(name)
 
 
 def cmd_info(args) -> int:
     from ..errors import ImageError
     from .flops import count_macs, summarize
-    from ..weights import SEMANTIC
+    from ..weights import SEMANTIC, count_parameters
 
-    config, head, image_size, params, source = _describe_model(args.name, args.revision)
+    config, head, image_size, source = _describe_model(args.name, args.revision)
     h, w = args.size or image_size
     labels = [config.id2label[i].strip() for i in range(min(config.num_labels, 8))]
     more = f", ... ({config.num_labels} in all)" if config.num_labels > 8 else ""
@@ -361,7 +348,7 @@ def cmd_info(args) -> int:
         f"decoder:      hidden size {config.decoder_hidden_size}",
         f"labels:       {', '.join(labels)}{more}",
         f"input size:   {image_size[0]} x {image_size[1]}",
-        f"parameters:   {params:,}",
+        f"parameters:   {count_parameters(config, head):,}",
     ]
     decoders = ("fused", "literal") if head == SEMANTIC else (None,)
     for decoder in decoders:
