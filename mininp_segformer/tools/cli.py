@@ -443,13 +443,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
-    from ..memory import MEMORY_ENV, parse_size
-    from ..model import DEFAULT_MODEL
-
     parser = _Parser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(sub)
+    _add_checkpoint_commands(sub)
+    _add_evaluate(sub)
+    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
+    return parser
+
+
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    """The option of every command that names a checkpoint: which Hub revision to take."""
+    p.add_argument("--revision", default="main", help="Hub revision (branch, tag or commit; default main)")
+
+
+def _add_predict(sub) -> None:
+    from ..model import DEFAULT_MODEL
 
     p = sub.add_parser("predict", help="segment images; write palette PNG label maps (and overlays)",
                        description="Segment images and write one palette PNG label map per image (the image's "
@@ -458,12 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help=f"a checkpoint directory, bundled model or Hub name (default {DEFAULT_MODEL}, downloaded "
                         f"once; the bundled offline demo: {DEMO_MODEL})")
-    p.add_argument("--revision", default="main", help="Hub revision (branch, tag or commit)")
+    _add_revision(p)
     p.add_argument("--out", default="segmentations", help="output directory (default ./segmentations)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg, the classes over the photo")
     p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (0..1, default 0.5)")
     p.add_argument("--palette", default=None, help="ade20k or cityscapes (default: by the model's number of labels)")
+    _add_inference_options(p)
+    _add_limit_options(p)
+    p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """predict's options of `inference.segment`: mode, windows, resizing, test-time augmentation."""
+    from ..inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
+
     p.add_argument("--mode", choices=MODES, default="whole", help="whole image at once, or sliding windows")
     p.add_argument("--crop", type=_positive(int), default=None, help="slide window size (default: the model's input)")
     p.add_argument("--stride", type=_positive(int), default=None, help="slide step (default: 2/3 of the crop)")
@@ -474,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=_checked(lambda text: check_scales([text])[0]), nargs="+", default=None,
                    help=f"TTA scale ratios (default {' '.join(map(str, TTA_SCALES))})")
     p.add_argument("--no-flip", action="store_true", help="TTA without the mirrored images")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """predict's options of the resources it may take: threads, processes, memory, image size."""
+    from ..memory import MEMORY_ENV, parse_size
+
     p.add_argument("--threads", type=_positive(int), default=None, help="threads per process (numba and BLAS)")
     p.add_argument("--jobs", type=_positive(int, zero_ok=True), default=1,
                    help="processes (default 1; 0: one per core)")
@@ -483,25 +510,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive(int), default=None, metavar="N",
                    help="refuse image files of more pixels, a guard against decompression bombs (default: Pillow's "
                         "89,478,485)")
-    p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
-    p.set_defaults(func=cmd_predict)
 
+
+def _add_checkpoint_commands(sub) -> None:
+    """models, download and info: the commands about checkpoints rather than images."""
     p = sub.add_parser("models", help="list the known checkpoints and which are cached or bundled")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("download", help="download a Hub checkpoint into the cache; print its directory")
     p.add_argument("name")
-    p.add_argument("--revision", default="main")
+    _add_revision(p)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("info", help="config summary, parameter count and MACs of a checkpoint (or b0..b5)")
     p.add_argument("name", metavar="DIR|NAME")
-    p.add_argument("--revision", default="main")
+    _add_revision(p)
     p.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"), default=None,
                    help="input size for the MAC count (default: the model's input size)")
     p.set_defaults(func=cmd_info)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="mean IoU of predicted label maps against annotations (matched by name)")
     p.add_argument("predictions", metavar="PRED_DIR")
     p.add_argument("labels", metavar="LABEL_DIR")
@@ -510,9 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-labels", action="store_true", help="ADE20K annotations: 0 = ignore, v -> v - 1")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.set_defaults(func=cmd_evaluate)
-
-    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
-    return parser
 
 
 def main(argv=None) -> int:
