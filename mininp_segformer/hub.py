@@ -137,7 +137,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str = "main", progress: b
     check_hub_name(name)
     check_revision(revision)
     target = cache_dir(name, revision)
-    if _is_verified(target):
+    if is_verified(target):
         return target
     return _download_checkpoint(name, revision, target, progress)
 
@@ -232,8 +232,10 @@ def _read_manifest(directory: Path) -> dict | None:
     return manifest if all(isinstance(v, dict) for v in files.values()) else None
 
 
-def _is_verified(directory: Path) -> bool:
-    """True when the manifest lists config + weights and every listed file still has its recorded sha256."""
+def is_verified(directory: str | os.PathLike) -> bool:
+    """True when `directory` is a cache entry whose manifest lists config + weights and every listed file still has
+    its recorded size and sha256 (the check `resolve` makes before it serves a cached copy)."""
+    directory = Path(directory)
     manifest = _read_manifest(directory)
     if manifest is None or not {CONFIG_NAME, WEIGHTS_NAME} <= set(manifest["files"]):
         return False
@@ -361,7 +363,7 @@ def _download_checkpoint(name: str, revision: str, target: Path, progress: bool)
         raise DownloadError(_unreachable_message(name, why))
     try:
         with _download_lock(name, progress) as locked:
-            if _is_verified(target):  # another process finished this download while we waited for the lock
+            if is_verified(target):  # another process finished this download while we waited for the lock
                 return target
             staging = _staging_dir(target, locked)
             try:

@@ -306,14 +306,16 @@ def test_partial_download_leaves_nothing_at_the_final_path(fake_hub, checkpoint,
 def test_corrupted_cache_is_downloaded_again(fake_hub, checkpoint):
     fake_hub.add_model(NAME, checkpoint["files"])
     path = hub.resolve(NAME, progress=False)
+    assert hub.is_verified(path) and hub.is_verified(str(path))
     weights = path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, different content: only the sha256 notices
     weights.write_bytes(bytes(data))
+    assert not hub.is_verified(path)
     n = len(fake_hub.requests)
     assert hub.resolve(NAME, progress=False) == path
     assert len(fake_hub.requests) > n
-    assert weights.read_bytes() == checkpoint["files"]["model.safetensors"]
+    assert weights.read_bytes() == checkpoint["files"]["model.safetensors"] and hub.is_verified(path)
 
 
 def test_failed_redownload_leaves_the_entry_untrusted(fake_hub, checkpoint):
