@@ -2,6 +2,7 @@
 console script), on tiny synthetic checkpoints and images."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -76,6 +77,24 @@ def test_predict_folder_keeps_going_past_a_broken_file(checkpoint, photos, tmp_p
         palette = np.array(seg.getpalette()[: 3 * 5]).reshape(5, 3)
         np.testing.assert_array_equal(palette, viz.palette_for(5))
         assert Image.open(out / (Path(name).stem + "_overlay.jpg")).size == photo.size
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_predict_on_a_terminal_draws_a_bar_with_messages_above_it(checkpoint, photos, tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert cli.main(["predict", str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--mode",
+                     "slide", "--crop", "48", "--stride", "32"]) == 1  # broken.jpg
+    err = terminal.getvalue()
+    assert "\r" in err and "100%|" in err and "3/3 [" in err  # tqdm's bar, redrawn in place
+    assert "[1/3]" not in err  # the plain lines are for logs
+    assert "\nmininp-segformer: segmented 2 of 3 image(s)" in err  # below the finished bar
+    broken = next(line for line in err.split("\r") if "broken.jpg" in line)
+    assert broken.strip().startswith("mininp-segformer:") and "not a readable image" in broken
 
 
 def test_predict_slide_tta_with_a_pool_of_processes(checkpoint, photos, tmp_path):
