@@ -44,6 +44,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from .config import SegformerConfig
 from .errors import CheckpointError, ConfigError, DownloadError
 from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, load_checkpoint
@@ -121,7 +123,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str = "main", progress: b
 
     Order: an existing directory; a bundled model (`weights/<name>`); a Hub name `owner/model`, served from the
     cache when a verified copy of that revision is there, else downloaded, strictly checked and cached.
-    `progress` shows a progress bar on stderr (on a terminal; elsewhere one line per file).
+    `progress` shows a progress bar on stderr (tqdm's, on a terminal; elsewhere one line per file).
     """
     if isinstance(name_or_path, os.PathLike):
         return _existing_dir(os.fspath(name_or_path))
@@ -135,7 +137,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str = "main", progress: b
     check_hub_name(name)
     check_revision(revision)
     target = cache_dir(name, revision)
-    if _is_verified(target):
+    if is_verified(target):
         return target
     return _download_checkpoint(name, revision, target, progress)
 
@@ -230,8 +232,10 @@ def _read_manifest(directory: Path) -> dict | None:
     return manifest if all(isinstance(v, dict) for v in files.values()) else None
 
 
-def _is_verified(directory: Path) -> bool:
-    """True when the manifest lists config + weights and every listed file still has its recorded sha256."""
+def is_verified(directory: str | os.PathLike) -> bool:
+    """True when `directory` is a cache entry whose manifest lists config + weights and every listed file still has
+    its recorded size and sha256 (the check `resolve` makes before it serves a cached copy)."""
+    directory = Path(directory)
     manifest = _read_manifest(directory)
     if manifest is None or not {CONFIG_NAME, WEIGHTS_NAME} <= set(manifest["files"]):
         return False
@@ -359,7 +363,7 @@ def _download_checkpoint(name: str, revision: str, target: Path, progress: bool)
         raise DownloadError(_unreachable_message(name, why))
     try:
         with _download_lock(name, progress) as locked:
-            if _is_verified(target):  # another process finished this download while we waited for the lock
+            if is_verified(target):  # another process finished this download while we waited for the lock
                 return target
             staging = _staging_dir(target, locked)
             try:
@@ -707,55 +711,41 @@ def _sha256_header(headers) -> str | None:
 def _copy(response, f, size: int | None, cap: int, watchdog: _Watchdog, label: str,
           progress: bool) -> tuple[str, int]:
     """Copy the response body to `f`, hashing as it goes, stopping past `size` (or `cap` when no size was announced);
-    returns (sha256 hex, bytes). `read1` returns whatever has arrived, so the watchdog sees the true rate."""
+    returns (sha256 hex, bytes). `read1` returns whatever has arrived, so the watchdog sees the true rate.
+
+    With `progress`: a tqdm bar on stderr when it is a terminal; elsewhere (a log, a pipe) the finished bar alone,
+    as one line."""
     limit = cap if size is None else size
     digest = hashlib.sha256()
-    done = 0
-    start = last_draw = time.monotonic()
-    live = progress and _is_terminal(sys.stderr)
-    while True:
-        try:
-            chunk = response.read1(CHUNK_BYTES)
-        except (OSError, http.client.HTTPException) as e:
-            if watchdog.reason:
-                raise watchdog.error() from None
-            raise DownloadError(f"the download of {label} was interrupted ({_describe(e)}); try again") from None
-        if watchdog.reason:  # a cut socket reads as the end of the body
-            raise watchdog.error()
-        if not chunk:
-            break
-        done += len(chunk)
-        watchdog.received = done
-        if done > limit:
-            announced = f"the {size:,} bytes it announced" if size is not None else f"{cap:,} bytes (the cap)"
-            raise DownloadError(f"the server sent more than {announced} for {label}; not downloaded")
-        f.write(chunk)
-        digest.update(chunk)
-        if live and time.monotonic() - last_draw >= 0.1:
-            sys.stderr.write("\r" + progress_line(label, done, size, time.monotonic() - start))
-            sys.stderr.flush()
-            last_draw = time.monotonic()
-    if progress:  # on a terminal the finished bar replaces the live one; in a log it is the only line
-        sys.stderr.write(("\r" if live else "") + progress_line(label, done, size, time.monotonic() - start) + "\n")
-        sys.stderr.flush()
+    done, start = 0, time.monotonic()
+    with tqdm(total=size, desc=label, unit="B", unit_scale=True, mininterval=0.1, file=sys.stderr,
+              disable=None if progress else True) as bar:  # None: tqdm shows the bar on a terminal only
+        while chunk := _read_chunk(response, watchdog, label):
+            done += len(chunk)
+            watchdog.received = done
+            if done > limit:
+                announced = f"the {size:,} bytes it announced" if size is not None else f"{cap:,} bytes (the cap)"
+                raise DownloadError(f"the server sent more than {announced} for {label}; not downloaded")
+            f.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
+    if progress and bar.disable:
+        print(tqdm.format_meter(done, size, time.monotonic() - start, prefix=label, unit="B", unit_scale=True,
+                                ascii=True), file=sys.stderr, flush=True)
     return digest.hexdigest(), done
 
 
-def progress_line(label: str, done: int, total: int | None, seconds: float) -> str:
-    """`model.safetensors  42% [##########              ]   6.0/14.3 MB  5.1 MB/s`."""
-    rate = done / max(seconds, 1e-3) / 1e6
-    if not total:
-        return f"{label} {done / 1e6:6.1f} MB {rate:5.1f} MB/s"
-    fraction = min(done / total, 1.0)
-    bar = "#" * int(fraction * 24)
-    return f"{label} {fraction:4.0%} [{bar:<24}] {done / 1e6:6.1f}/{total / 1e6:.1f} MB {rate:5.1f} MB/s"
-
-
-def _is_terminal(stream) -> bool:
+def _read_chunk(response, watchdog: _Watchdog, label: str) -> bytes:
+    """The next bytes of the body (b"" at its end); a DownloadError when the read fails or the watchdog cut it."""
     try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
+        chunk = response.read1(CHUNK_BYTES)
+    except (OSError, http.client.HTTPException) as e:
+        if watchdog.reason:
+            raise watchdog.error() from None
+        raise DownloadError(f"the download of {label} was interrupted ({_describe(e)}); try again") from None
+    if watchdog.reason:  # a cut socket reads as the end of the body
+        raise watchdog.error()
+    return chunk
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from .nn.encoder import stage_sizes
 from .nn.layers import bilinear_taps, resize_rows, softmax
 from .memory import FLOAT32, check_memory
 from .model import SLIDE_HINT
-from .preprocessing import MMSEG_LONG_SIDE, load_image, mmseg_size, normalize, rescale_size, resize_image
+from .preprocessing import load_image, normalize, resize_image
 from .weights import SEMANTIC
 
 MODES = ("whole", "slide")
@@ -51,9 +51,38 @@ TTA_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmseg's aug_test ratios, as in
 MAX_TTA_SCALE = 8.0  # a bound for scale ratios: 8 x the paper's largest is still an image size, 1e300 is not
 BAND_ROWS = 32  # output rows finished at a time: (32, W, C) float32 blocks
 
+# mmseg's test-time resize (SegFormer's own evaluation): keep the aspect ratio within a (long, short) bound, then
+# round both sides up to a multiple of 32 (SegFormer's AlignedResize). See docs/cli.md, "Resizing".
+MMSEG_LONG_SIDE = 2048
+SIZE_DIVISOR = 32
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sizes
+
+
+def rescale_size(size, scale) -> tuple[int, int]:
+    """mmcv's `rescale_size` for a tuple scale: the keep-ratio size of `size = (H, W)` that fits `scale`.
+
+    `scale = (long, short)` (order does not matter) bounds the long side by max(scale) and the short side by
+    min(scale), whichever limits more: factor = min(max(scale) / max(H, W), min(scale) / min(H, W)); each side
+    becomes int(side * factor + 0.5). E.g. ADE's (2048, 512): (512, 683) stays, (4000, 6000) -> (512, 768).
+    """
+    h, w = size
+    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
+
+
+def align_size(size, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """Both sides rounded up to a multiple of `divisor` (SegFormer's AlignedResize resizes to this size; mmseg's
+    Pad(size_divisor) would pad to it instead)."""
+    return tuple(-(-int(s) // divisor) * divisor for s in size)
+
+
+def mmseg_size(size, scale, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
+    """The size SegFormer's ADE/Cityscapes test pipeline resizes an `(H, W)` image to: AlignedResize(scale,
+    keep_ratio=True, size_divisor=32) = `align_size(rescale_size(size, scale), divisor)`."""
+    return align_size(rescale_size(size, scale), divisor)
 
 
 def default_mmseg_scale(model_size) -> tuple[int, int]:

@@ -6,8 +6,8 @@ which stretches the aspect ratio -- then x / 255 (in float64, cast to float32, e
 
 postprocess: bilinear resize of the logits to each image's size (torch `align_corners=False`) and argmax.
 
-mmseg_size / rescale_size / align_size: the sizes of the other convention, mmseg's keep-ratio test resize that
-SegFormer's own evaluation used (mininp_segformer.inference selects between the two).
+The other convention, mmseg's keep-ratio test resize that SegFormer's own evaluation used, is in
+mininp_segformer.inference (`mmseg_size`), which selects between the two.
 """
 
 from __future__ import annotations
@@ -200,36 +200,6 @@ def resize_image(rgb: np.ndarray, size) -> np.ndarray:
     if rgb.shape[:2] == (h, w):
         return rgb
     return np.asarray(Image.fromarray(rgb).resize((w, h), resample=Image.Resampling.BILINEAR))  # PIL: (w, h)
-
-
-# mmseg's test-time resize (SegFormer's own evaluation): keep the aspect ratio within a (long, short) bound, then
-# round both sides up to a multiple of 32 (SegFormer's AlignedResize). See docs/cli.md, "Resizing".
-MMSEG_LONG_SIDE = 2048
-SIZE_DIVISOR = 32
-
-
-def rescale_size(size, scale) -> tuple[int, int]:
-    """mmcv's `rescale_size` for a tuple scale: the keep-ratio size of `size = (H, W)` that fits `scale`.
-
-    `scale = (long, short)` (order does not matter) bounds the long side by max(scale) and the short side by
-    min(scale), whichever limits more: factor = min(max(scale) / max(H, W), min(scale) / min(H, W)); each side
-    becomes int(side * factor + 0.5). E.g. ADE's (2048, 512): (512, 683) stays, (4000, 6000) -> (512, 768).
-    """
-    h, w = size
-    factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-    return max(1, int(h * factor + 0.5)), max(1, int(w * factor + 0.5))
-
-
-def align_size(size, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
-    """Both sides rounded up to a multiple of `divisor` (SegFormer's AlignedResize resizes to this size; mmseg's
-    Pad(size_divisor) would pad to it instead)."""
-    return tuple(-(-int(s) // divisor) * divisor for s in size)
-
-
-def mmseg_size(size, scale, divisor: int = SIZE_DIVISOR) -> tuple[int, int]:
-    """The size SegFormer's ADE/Cityscapes test pipeline resizes an `(H, W)` image to: AlignedResize(scale,
-    keep_ratio=True, size_divisor=32) = `align_size(rescale_size(size, scale), divisor)`."""
-    return align_size(rescale_size(size, scale), divisor)
 
 
 def postprocess(logits, target_sizes=None) -> list[np.ndarray]:

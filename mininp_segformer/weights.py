@@ -13,6 +13,7 @@ bfloat16 (which NumPy cannot represent) are widened to float32. Nothing is ever 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -145,6 +146,22 @@ to_hub_name.__doc__ = "A transformers-5 in-memory key (or a Hub key, unchanged) 
 
 # Bookkeeping tensors that torch writes and inference never reads.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
+# Buffers, not parameters: BatchNorm's running statistics (read by inference, never trained) and the bookkeeping.
+_BUFFER_SUFFIXES = ("running_mean", "running_var", *_IGNORED_SUFFIXES)
+
+
+def count_parameters(state_or_config, head: str = SEMANTIC) -> int:
+    """Trainable parameters, as transformers' `num_parameters()` counts them: BatchNorm's running statistics and
+    num_batches_tracked are buffers and left out.
+
+    `state_or_config`: a state dict ({Hub name: array}), or a SegformerConfig, counted from the tensors
+    `expected_shapes(config, head)` lists (so no weights are needed).
+    """
+    if isinstance(state_or_config, SegformerConfig):
+        sizes = {k: math.prod(shape) for k, shape in expected_shapes(state_or_config, head).items()}
+    else:
+        sizes = {k: np.size(v) for k, v in state_or_config.items()}
+    return sum(int(n) for k, n in sizes.items() if not k.endswith(_BUFFER_SUFFIXES))
 
 
 def _no_duplicate_keys(pairs):

@@ -25,7 +25,6 @@ import platform
 import sys
 import tempfile
 import time
-import types
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -33,18 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-# config.py + weights.py are all this script needs from the package; if the package as a whole cannot be imported
-# yet (model half-written), load those two modules through a bare package object instead of its __init__.
-try:
-    import mininp_segformer  # noqa: F401
-except Exception:  # pragma: no cover - only while the package is being written
-    for name in [m for m in sys.modules if m == "mininp_segformer" or m.startswith("mininp_segformer.")]:
-        del sys.modules[name]
-    _pkg = types.ModuleType("mininp_segformer")
-    _pkg.__path__ = [str(ROOT / "mininp_segformer")]
-    sys.modules["mininp_segformer"] = _pkg
+sys.path.insert(0, str(ROOT))  # the package and tests/ of this checkout
 
 from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
 from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, random_state_dict,  # noqa: E402

@@ -8,8 +8,8 @@ import pytest
 
 import mininp_segformer as ms
 from mininp_segformer.config import variant_config
-from mininp_segformer.weights import (CLASSIFICATION, SEMANTIC, CheckpointError, expected_shapes, load_checkpoint,
-                                      random_state_dict, save_checkpoint)
+from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, CheckpointError, count_parameters,
+                                      expected_shapes, load_checkpoint, random_state_dict, save_checkpoint)
 from tests.tiny_checkpoint import safetensors_parts, write_safetensors
 
 CONFIG = variant_config("b0", num_labels=5)
@@ -43,6 +43,14 @@ def test_key_layout_is_the_hub_layout():
     assert "segformer.encoder.block.3.0.attention.self.sr.weight" not in shapes  # sr_ratio 1: no reduction
     assert set(expected_shapes(CONFIG, CLASSIFICATION)) - set(expected_shapes(CONFIG)) == {
         "classifier.weight", "classifier.bias"}
+
+
+def test_parameter_count_leaves_out_the_buffers(state):
+    ade = variant_config("b0", 150)
+    assert count_parameters(ade) == 3_752_694  # transformers' num_parameters() of the B0-ADE model; the paper's 3.8M
+    buffers = 2 * CONFIG.decoder_hidden_size + 1  # running_mean, running_var, num_batches_tracked
+    assert count_parameters(state) == count_parameters(CONFIG) == sum(v.size for v in state.values()) - buffers
+    assert count_parameters(CONFIG, BACKBONE) < count_parameters(CONFIG, CLASSIFICATION) < count_parameters(CONFIG)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, "bf16"])

@@ -2,6 +2,7 @@
 console script), on tiny synthetic checkpoints and images."""
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from mininp_segformer import inference, load
 from mininp_segformer.tools import cli, viz
 from mininp_segformer.tools.flops import count_macs, summarize
 from mininp_segformer.tools.metrics import evaluate
+from mininp_segformer.weights import count_parameters
 from tests.conftest import REPO_ROOT, smooth_image
 from tests.tiny_checkpoint import make_checkpoint
 
@@ -75,6 +77,24 @@ def test_predict_folder_keeps_going_past_a_broken_file(checkpoint, photos, tmp_p
         palette = np.array(seg.getpalette()[: 3 * 5]).reshape(5, 3)
         np.testing.assert_array_equal(palette, viz.palette_for(5))
         assert Image.open(out / (Path(name).stem + "_overlay.jpg")).size == photo.size
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_predict_on_a_terminal_draws_a_bar_with_messages_above_it(checkpoint, photos, tmp_path, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert cli.main(["predict", str(photos), "--model", str(checkpoint), "--out", str(tmp_path / "o"), "--mode",
+                     "slide", "--crop", "48", "--stride", "32"]) == 1  # broken.jpg
+    err = terminal.getvalue()
+    assert "\r" in err and "100%|" in err and "3/3 [" in err  # tqdm's bar, redrawn in place
+    assert "[1/3]" not in err  # the plain lines are for logs
+    assert "\nmininp-segformer: segmented 2 of 3 image(s)" in err  # below the finished bar
+    broken = next(line for line in err.split("\r") if "broken.jpg" in line)
+    assert broken.strip().startswith("mininp-segformer:") and "not a readable image" in broken
 
 
 def test_predict_slide_tta_with_a_pool_of_processes(checkpoint, photos, tmp_path):
@@ -182,7 +202,7 @@ def test_models_download_info(checkpoint, tmp_path):
     r = run("info", checkpoint, "--size", "64", "96")
     assert r.returncode == 0, r.stderr
     model = load(checkpoint)
-    assert f"parameters:   {cli.count_parameters(model.params):,}" in r.stdout
+    assert f"parameters:   {count_parameters(model.config, model.head):,}" in r.stdout
     fused = summarize(count_macs(model.config, 64, 96, "fused"))["total"] / 1e9
     assert f"MACs at 64 x 96 (fused decoder): {fused:.3f} G" in r.stdout
 

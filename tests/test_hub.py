@@ -200,8 +200,8 @@ def test_progress_bar_on_a_terminal(fake_hub, checkpoint, monkeypatch):
     monkeypatch.setattr("sys.stderr", terminal)
     hub.resolve(NAME, progress=True)
     out = terminal.getvalue()
-    assert "model.safetensors" in out and "100%" in out and "MB/s" in out
-    assert out.endswith("\n")
+    assert "model.safetensors" in out and "100%" in out and "B/s" in out  # tqdm's bar, redrawn in place
+    assert "\r" in out and out.endswith("\n")
 
 
 def test_progress_in_a_log_is_one_line_per_file(fake_hub, checkpoint, capsys):
@@ -211,9 +211,9 @@ def test_progress_in_a_log_is_one_line_per_file(fake_hub, checkpoint, capsys):
     assert "\r" not in err
     lines = err.splitlines()
     assert lines[0].startswith(f"Downloading {NAME}")
-    assert [line.split()[0] for line in lines[1:]] == ["config.json", "preprocessor_config.json", "model.safetensors"]
-    assert hub.progress_line("x", 50, 100, 1.0).startswith("x  50% [############            ]")
-    assert "MB/s" in hub.progress_line("x", 5, None, 0.0)
+    assert [line.split(":")[0] for line in lines[1:]] == ["config.json", "preprocessor_config.json",
+                                                          "model.safetensors"]
+    assert all(" 100%|##########| " in line and "B/s]" in line for line in lines[1:])  # the finished bar
 
 
 def test_no_progress_output_when_disabled(fake_hub, checkpoint, capsys):
@@ -306,14 +306,16 @@ def test_partial_download_leaves_nothing_at_the_final_path(fake_hub, checkpoint,
 def test_corrupted_cache_is_downloaded_again(fake_hub, checkpoint):
     fake_hub.add_model(NAME, checkpoint["files"])
     path = hub.resolve(NAME, progress=False)
+    assert hub.is_verified(path) and hub.is_verified(str(path))
     weights = path / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, different content: only the sha256 notices
     weights.write_bytes(bytes(data))
+    assert not hub.is_verified(path)
     n = len(fake_hub.requests)
     assert hub.resolve(NAME, progress=False) == path
     assert len(fake_hub.requests) > n
-    assert weights.read_bytes() == checkpoint["files"]["model.safetensors"]
+    assert weights.read_bytes() == checkpoint["files"]["model.safetensors"] and hub.is_verified(path)
 
 
 def test_failed_redownload_leaves_the_entry_untrusted(fake_hub, checkpoint):

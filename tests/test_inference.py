@@ -14,7 +14,8 @@ from PIL import Image
 import mininp_segformer as ms
 from mininp_segformer import inference as inf
 from mininp_segformer.nn.layers import resize_bilinear, softmax
-from mininp_segformer.preprocessing import align_size, mmseg_size, normalize, rescale_size, resize_image
+from mininp_segformer.inference import align_size, mmseg_size, rescale_size
+from mininp_segformer.preprocessing import normalize, resize_image
 from mininp_segformer.weights import CLASSIFICATION, random_state_dict
 from tests.conftest import REPO_ROOT
 from tests.tiny_checkpoint import gradient_image, make_checkpoint

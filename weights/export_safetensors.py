@@ -73,7 +73,7 @@ def export(directory: Path, output: Path) -> Path:
     from safetensors.torch import save_file
 
     from mininp_segformer.weights import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, CheckpointError,
-                                          load_checkpoint, to_hub_name)
+                                          count_parameters, load_checkpoint, to_hub_name)
 
     if not (directory / CONFIG_NAME).is_file():
         raise SystemExit(f"{directory} has no config.json; the checkpoint's config is needed next to its weights")
@@ -105,9 +105,8 @@ def export(directory: Path, output: Path) -> Path:
         os.replace(staging / WEIGHTS_NAME, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    n_params = sum(int(v.size) for v in checked.values())
     print(f"{source} -> {target}: {len(tensors)} tensors ({renamed} renamed to Hub names), "
-          f"{n_params / 1e6:.2f} M parameters; strict load OK ({head}, {config.num_labels} labels)")
+          f"{count_parameters(checked) / 1e6:.2f} M parameters; strict load OK ({head}, {config.num_labels} labels)")
     return target
 
 

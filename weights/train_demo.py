@@ -15,7 +15,7 @@ and the last steps at 128x128, the export resolution, to sharpen the boundaries.
 cosine decay over all steps.
 
 The export is the Hugging Face layout that `mininp_segformer.load` reads: config.json, model.safetensors (fp16,
-Hub key names, checked against `mininp_segformer.weights.expected_shapes`) and preprocessor_config.json.
+Hub key names, checked by `mininp_segformer.weights.check_state_dict`) and preprocessor_config.json.
 Everything is seeded (torch, NumPy, scene seeds), and torch runs on one thread, so a rerun gives the same weights
 on the same CPU and library versions.
 """
@@ -25,12 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -40,20 +37,14 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-try:
-    import mininp_segformer  # noqa: F401
-except ImportError:
-    # Only config, weights and scenes are needed here; don't let the rest of the package stand in the way.
-    _pkg = types.ModuleType("mininp_segformer")
-    _pkg.__path__ = [str(ROOT / "mininp_segformer")]
-    sys.modules["mininp_segformer"] = _pkg
+sys.path.insert(0, str(ROOT))  # the package of this checkout, installed or not
 from mininp_segformer.config import variant_config  # noqa: E402
-from mininp_segformer.tools.scenes import CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, TRAIN_SEED_START, make_scene  # noqa: E402
-from mininp_segformer.weights import SEMANTIC, expected_shapes  # noqa: E402
+from mininp_segformer.preprocessing import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from mininp_segformer.tools.metrics import intersect_and_union, metrics_from_areas  # noqa: E402
+from mininp_segformer.tools.scenes import (CLASS_NAMES, HELD_OUT_SEEDS, ID2LABEL, TRAIN_SEED_START,  # noqa: E402
+                                           make_scene)
+from mininp_segformer.weights import SEMANTIC, check_state_dict, to_hub_name  # noqa: E402
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 VAL_SEED_START = 900_000  # periodic validation; below TRAIN_SEED_START, disjoint from HELD_OUT_SEEDS
 
 
@@ -68,30 +59,28 @@ def batch(seeds, size) -> tuple[torch.Tensor, torch.Tensor]:
     """
     scenes = [make_scene(int(s), size) for s in seeds]
     images = np.stack([im for im, _ in scenes]).astype(np.float32) / 255.0
-    pixels = ((images - IMAGENET_MEAN) / IMAGENET_STD).transpose(0, 3, 1, 2)
+    mean, std = np.float32(IMAGENET_MEAN), np.float32(IMAGENET_STD)
+    pixels = ((images - mean) / std).transpose(0, 3, 1, 2)
     labels = np.stack([lab for _, lab in scenes]).astype(np.int64)
     return torch.from_numpy(np.ascontiguousarray(pixels)), torch.from_numpy(labels)
 
 
 @torch.no_grad()
 def evaluate(model, seeds, size, batch_size=25) -> tuple[float, np.ndarray]:
-    """mIoU over `seeds`: per class, intersection and union summed over all scenes; mean over classes present."""
+    """(mIoU, IoU per class) over `seeds`, as `mininp_segformer.tools.metrics` scores a data set: per class,
+    intersection and union summed over all scenes; the mean over the classes present."""
     model.eval()
-    n = len(CLASS_NAMES)
-    inter, union = np.zeros(n), np.zeros(n)
+    areas = np.zeros((4, len(CLASS_NAMES)), dtype=np.int64)
     seeds = list(seeds)
     for i in range(0, len(seeds), batch_size):
         pixels, labels = batch(seeds[i:i + batch_size], size)
         logits = model(pixel_values=pixels).logits
-        pred = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
-        labels = labels.numpy()
-        for c in range(n):
-            p, t = pred == c, labels == c
-            inter[c] += np.sum(p & t)
-            union[c] += np.sum(p | t)
+        preds = F.interpolate(logits, size=size, mode="bilinear", align_corners=False).argmax(1).numpy()
+        for pred, label in zip(preds, labels.numpy()):
+            areas += np.stack(intersect_and_union(pred, label, len(CLASS_NAMES)))
     model.train()
-    iou = np.where(union > 0, inter / np.maximum(union, 1), np.nan)
-    return float(np.nanmean(iou)), iou
+    scores = metrics_from_areas(*areas)
+    return scores["mean_iou"], scores["per_class_iou"]
 
 
 def init_like_segformer(model: torch.nn.Module) -> None:
@@ -126,32 +115,6 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-# transformers 5 renames SegFormer's modules in memory (conversion_mapping.py) and is meant to write the Hub names
-# back on save. Should a version ever save the new names, these (new -> Hub) renames undo it.
-_TO_HUB_NAMES = [
-    (r"stages\.(\d+)\.patch_embeddings\.", r"encoder.patch_embeddings.\1."),
-    (r"stages\.(\d+)\.blocks\.", r"encoder.block.\1."),
-    (r"stages\.(\d+)\.layer_norm", r"encoder.layer_norm.\1"),
-    (r"attention\.q_proj", "attention.self.query"),
-    (r"attention\.k_proj", "attention.self.key"),
-    (r"attention\.v_proj", "attention.self.value"),
-    (r"attention\.sequence_reduction\.sequence_reduction", "attention.self.sr"),
-    (r"attention\.sequence_reduction\.layer_norm", "attention.self.layer_norm"),
-    (r"attention\.o_proj", "attention.output.dense"),
-    (r"mlp\.fc1", "mlp.dense1"),
-    (r"mlp\.fc2", "mlp.dense2"),
-    (r"layernorm_before", "layer_norm_1"),
-    (r"layernorm_after", "layer_norm_2"),
-    (r"decode_head\.linear_projections", "decode_head.linear_c"),
-]
-
-
-def to_hub_name(key: str) -> str:
-    for pattern, repl in _TO_HUB_NAMES:
-        key = re.sub(pattern, repl, key)
-    return key
-
-
 def export(model, our_config, out: Path, size) -> None:
     """Write config.json + fp16 model.safetensors (Hub names, strictly checked) + preprocessor_config.json."""
     out.mkdir(parents=True, exist_ok=True)
@@ -159,12 +122,8 @@ def export(model, our_config, out: Path, size) -> None:
         model.save_pretrained(tmp)
         state = load_file(str(Path(tmp) / "model.safetensors"))
         config_json = json.loads((Path(tmp) / "config.json").read_text())
-    state = {to_hub_name(k): v for k, v in state.items()}
-    expected = expected_shapes(our_config, SEMANTIC)
-    present = {k for k in state if not k.endswith("num_batches_tracked")}
-    if present != set(expected) or any(tuple(state[k].shape) != expected[k] for k in expected):
-        raise RuntimeError(f"exported keys differ from the Hub layout: missing {sorted(set(expected) - present)}, "
-                           f"unexpected {sorted(present - set(expected))}")
+    state = {to_hub_name(k): v for k, v in state.items()}  # should a transformers version save its in-memory names
+    check_state_dict(state, our_config, SEMANTIC, source="the trained model")  # the Hub layout, strictly
     state = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in state.items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)
@@ -176,9 +135,9 @@ def export(model, our_config, out: Path, size) -> None:
         "do_reduce_labels": False,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": [0.485, 0.456, 0.406],  # exactly as in the Hub configs
+        "image_mean": list(IMAGENET_MEAN),  # exactly as in the Hub configs
         "image_processor_type": "SegformerImageProcessor",
-        "image_std": [0.229, 0.224, 0.225],
+        "image_std": list(IMAGENET_STD),
         "resample": 2,
         "rescale_factor": 1 / 255,
         "size": {"height": size[0], "width": size[1]},

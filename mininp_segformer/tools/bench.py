@@ -292,7 +292,7 @@ def prepare_model(args, tmp: Path) -> tuple[str, object]:
     return str(directory), config
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mininp_segformer.tools.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="checkpoint directory or Hub name (default: random weights of --variant)")
     p.add_argument("--variant", default="b0", choices=["b0", "b1", "b2", "b3", "b4", "b5"])
@@ -307,56 +307,81 @@ def main(argv=None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="instead: where mininp_segformer's time goes, op by op (--decoder to pick the head)")
     p.add_argument("--decoder", default="fused", choices=["fused", "literal"], help="with --profile")
-    args = p.parse_args(argv)
+    return p
 
-    from .flops import count_macs
 
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.profile:
-        from .. import load, set_num_threads
-
-        set_num_threads(args.threads)
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir, config = prepare_model(args, Path(tmp))
-            model = load(model_dir)
-        model.decoder = args.decoder
-        h, w = args.size
-        x = np.random.default_rng(0).standard_normal((1, config.num_channels, h, w)).astype(np.float32)
-        title = (f"{args.model or args.variant} at {h} x {w}, {args.threads} thread(s), {args.decoder} decoder; "
-                 f"{machine()}")
-        print(format_profile(profile(model, x), count_macs(config, h, w, decoder=args.decoder), title))
+        print(run_profile(args))
         return 0
-
-    frameworks = [fw for fw in args.frameworks if available(fw)]
-    skipped = sorted(set(args.frameworks) - set(frameworks))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model_dir, config = prepare_model(args, tmp)
-        onnx_path = None
-        if "onnxruntime" in frameworks:
-            if available("torch"):
-                onnx_path = str(export_onnx(model_dir, args.size, tmp / "model.onnx"))
-            else:
-                frameworks.remove("onnxruntime")
-                skipped.append("onnxruntime (exporting the model needs torch)")
-        h, w = args.size
-        x = np.random.default_rng(0).standard_normal((1, config.num_channels, h, w)).astype(np.float32)
-        macs = {d: sum(count_macs(config, h, w, decoder=d).values()) for d in ("literal", "fused")}
-        results = time_frameworks(frameworks, model_dir, onnx_path, args.threads, x, args.runs, args.warmup)
-        if not args.quick:
-            for fw in results:
-                results[fw]["predict_process"] = predict_process(fw, model_dir, onnx_path, args.threads)
-            if "mininp_segformer" in results:
-                predict_process("mininp_segformer", model_dir, None, args.threads)  # warms the numba cache
-                results["mininp_segformer"]["cold_start"] = predict_process(
-                    "mininp_segformer", model_dir, None, args.threads)
-
-    report = {"machine": machine(), "variant": args.model or args.variant, "size": [h, w], "threads": args.threads,
-              "runs": args.runs, "warmup": args.warmup, "gmac_literal": macs["literal"] / 1e9,
-              "gmac_fused": macs["fused"] / 1e9, "results": results, "skipped": skipped}
+    report = run_benchmark(args)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0
+
+
+def random_input(config, size) -> np.ndarray:
+    """The benchmark's input: `(1, channels, H, W)` float32 pixel values, the same in every run."""
+    return np.random.default_rng(0).standard_normal((1, config.num_channels, *size)).astype(np.float32)
+
+
+def run_profile(args) -> str:
+    """--profile: the table of where mininp_segformer's time goes (`profile`, `format_profile`)."""
+    from .. import load, set_num_threads
+    from .flops import count_macs
+
+    set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, config = prepare_model(args, Path(tmp))
+        model = load(model_dir)
+    model.decoder = args.decoder
+    h, w = args.size
+    title = f"{args.model or args.variant} at {h} x {w}, {args.threads} thread(s), {args.decoder} decoder; {machine()}"
+    return format_profile(profile(model, random_input(config, args.size)),
+                          count_macs(config, h, w, decoder=args.decoder), title)
+
+
+def run_benchmark(args) -> dict:
+    """Time every installed framework of --frameworks (and, unless --quick, its predict() process); the report."""
+    from .flops import count_macs
+
+    frameworks = [fw for fw in args.frameworks if available(fw)]
+    skipped = sorted(set(args.frameworks) - set(frameworks))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, config = prepare_model(args, Path(tmp))
+        onnx_path = _onnx_model(frameworks, skipped, model_dir, args.size, Path(tmp))
+        results = time_frameworks(frameworks, model_dir, onnx_path, args.threads, random_input(config, args.size),
+                                  args.runs, args.warmup)
+        if not args.quick:
+            _measure_predict(results, model_dir, onnx_path, args.threads)
+    h, w = args.size
+    macs = {d: sum(count_macs(config, h, w, decoder=d).values()) for d in ("literal", "fused")}
+    return {"machine": machine(), "variant": args.model or args.variant, "size": [h, w], "threads": args.threads,
+            "runs": args.runs, "warmup": args.warmup, "gmac_literal": macs["literal"] / 1e9,
+            "gmac_fused": macs["fused"] / 1e9, "results": results, "skipped": skipped}
+
+
+def _onnx_model(frameworks: list, skipped: list, model_dir: str, size, tmp: Path) -> str | None:
+    """The ONNX export ONNX Runtime runs, when it is among `frameworks`; without torch to export it, ONNX Runtime
+    moves from `frameworks` to `skipped`."""
+    if "onnxruntime" not in frameworks:
+        return None
+    if available("torch"):
+        return str(export_onnx(model_dir, size, tmp / "model.onnx"))
+    frameworks.remove("onnxruntime")
+    skipped.append("onnxruntime (exporting the model needs torch)")
+    return None
+
+
+def _measure_predict(results: dict, model_dir: str, onnx_path: str | None, threads: int) -> None:
+    """Add each framework's `predict_process` and mininp_segformer's cold start (numba cache warm) to `results`."""
+    for fw in results:
+        results[fw]["predict_process"] = predict_process(fw, model_dir, onnx_path, threads)
+    if "mininp_segformer" in results:
+        predict_process("mininp_segformer", model_dir, None, threads)  # warms the numba cache
+        results["mininp_segformer"]["cold_start"] = predict_process("mininp_segformer", model_dir, None, threads)
 
 
 def machine() -> str:

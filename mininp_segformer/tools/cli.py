@@ -21,11 +21,10 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
-from ..hub import _is_terminal
+from tqdm import tqdm
 
 PROG = "mininp-segformer"
 DEMO_MODEL = "segformer-b0-shapes"
@@ -171,49 +170,37 @@ def _set_limits(threads: int | None, max_memory: int | float | None, max_pixels:
 
 
 class _Progress:
-    """A progress bar on a terminal (redrawn in place), plain lines elsewhere (logs, pipes)."""
+    """Images done: tqdm's bar on a terminal, one plain line per image elsewhere (logs, pipes), only errors when
+    `quiet`. Messages go above the bar."""
 
     def __init__(self, total: int, stream, quiet: bool):
         self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet
-        self.live = not quiet and _is_terminal(stream)
-        self.last_draw = 0.0
-
-    def _draw(self, note: str = "") -> None:
-        width = 24
-        bar = "#" * int(width * self.done / max(self.total, 1))
-        self.stream.write(f"\r[{bar:<{width}}] {self.done}/{self.total} images {note}".ljust(79)[:120])
-        self.stream.flush()
+        self.bar = tqdm(total=total, unit="image", mininterval=0.1, miniters=0, file=stream,
+                        disable=True if quiet else None)  # miniters=0: `windows` may redraw (update(0))
 
     def windows(self, done: int, total: int) -> None:
         """Progress within the current image (sliding windows, TTA runs), redrawn at most ten times a second."""
-        if self.live and time.monotonic() - self.last_draw >= 0.1:
-            self._draw(f"(current image: {done}/{total} network runs)")
-            self.last_draw = time.monotonic()
+        self.bar.set_postfix_str(f"current image: {done}/{total} network runs", refresh=False)
+        self.bar.update(0)
 
     def finished(self, result: dict) -> None:
         self.done += 1
+        self.bar.set_postfix_str("", refresh=False)
+        self.bar.update(1)
         if "error" in result:
             self.message(f"{PROG}: {result['image']}: {result['error']}")
             if result.get("traceback"):
                 self.message(result["traceback"].rstrip())
-        elif self.live:
-            self._draw()
-        elif not self.quiet:
+        elif self.bar.disable and not self.quiet:
             self.message(f"[{self.done}/{self.total}] {result['image']} -> {result['label_map']} "
                          f"({result['seconds']:.1f} s)")
 
     def message(self, line: str) -> None:
-        if self.live:
-            self.stream.write("\r" + " " * 79 + "\r")
-        self.stream.write(line + "\n")
-        if self.live:
-            self._draw()
+        tqdm.write(line, file=self.stream)  # clears the bar, writes the line, redraws the bar below it
         self.stream.flush()
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.bar.close()
 
 
 def _run_all(items, args, model, directory, options, progress: _Progress) -> list[dict]:
@@ -330,39 +317,26 @@ def cmd_download(args) -> int:
     return 0
 
 
-def count_parameters(tree) -> int:
-    """Parameters in a model's tensor tree (BatchNorm running statistics are buffers, not counted)."""
-    if isinstance(tree, dict):
-        return sum(count_parameters(v) for k, v in tree.items() if k not in ("running_mean", "running_var"))
-    if isinstance(tree, list):
-        return sum(count_parameters(v) for v in tree)
-    return int(tree.size)
-
-
 def _describe_model(name: str, revision: str):
-    """(config, head, image size, parameter count, source) of a checkpoint or of a variant name b0..b5."""
-    import math
-
+    """(config, head, image size, source) of a checkpoint or of a variant name b0..b5."""
     from ..config import VARIANTS, variant_config
-    from ..weights import SEMANTIC, expected_shapes
+    from ..weights import SEMANTIC
 
     if name.lower() in VARIANTS:
-        config = variant_config(name.lower())
-        params = sum(math.prod(s) for k, s in expected_shapes(config, SEMANTIC).items()
-                     if not k.endswith(("running_mean", "running_var")))
-        return config, SEMANTIC, (512, 512), params, f"MiT-{name.upper()} variant (150 generic labels, no weights)"
+        return (variant_config(name.lower()), SEMANTIC, (512, 512),
+                f"MiT-{name.upper()} variant (150 generic labels, no weights)")
     from ..model import load
 
     model = load(name, revision=revision)
-    return model.config, model.head, model.image_size, count_parameters(model.params), str(name)
+    return model.config, model.head, model.image_size, str(name)
 
 
 def cmd_info(args) -> int:
     from ..errors import ImageError
     from .flops import count_macs, summarize
-    from ..weights import SEMANTIC
+    from ..weights import SEMANTIC, count_parameters
 
-    config, head, image_size, params, source = _describe_model(args.name, args.revision)
+    config, head, image_size, source = _describe_model(args.name, args.revision)
     h, w = args.size or image_size
     labels = [config.id2label[i].strip() for i in range(min(config.num_labels, 8))]
     more = f", ... ({config.num_labels} in all)" if config.num_labels > 8 else ""
@@ -374,7 +348,7 @@ def cmd_info(args) -> int:
         f"decoder:      hidden size {config.decoder_hidden_size}",
         f"labels:       {', '.join(labels)}{more}",
         f"input size:   {image_size[0]} x {image_size[1]}",
-        f"parameters:   {params:,}",
+        f"parameters:   {count_parameters(config, head):,}",
     ]
     decoders = ("fused", "literal") if head == SEMANTIC else (None,)
     for decoder in decoders:
@@ -469,13 +443,23 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
-    from ..memory import MEMORY_ENV, parse_size
-    from ..model import DEFAULT_MODEL
-
     parser = _Parser(prog=PROG, description="SegFormer in pure NumPy: segment, inspect and score.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks with errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(sub)
+    _add_checkpoint_commands(sub)
+    _add_evaluate(sub)
+    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
+    return parser
+
+
+def _add_revision(p: argparse.ArgumentParser) -> None:
+    """The option of every command that names a checkpoint: which Hub revision to take."""
+    p.add_argument("--revision", default="main", help="Hub revision (branch, tag or commit; default main)")
+
+
+def _add_predict(sub) -> None:
+    from ..model import DEFAULT_MODEL
 
     p = sub.add_parser("predict", help="segment images; write palette PNG label maps (and overlays)",
                        description="Segment images and write one palette PNG label map per image (the image's "
@@ -484,12 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help=f"a checkpoint directory, bundled model or Hub name (default {DEFAULT_MODEL}, downloaded "
                         f"once; the bundled offline demo: {DEMO_MODEL})")
-    p.add_argument("--revision", default="main", help="Hub revision (branch, tag or commit)")
+    _add_revision(p)
     p.add_argument("--out", default="segmentations", help="output directory (default ./segmentations)")
     p.add_argument("--overlay", action="store_true", help="also write <name>_overlay.jpg, the classes over the photo")
     p.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the colours (0..1, default 0.5)")
     p.add_argument("--palette", default=None, help="ade20k or cityscapes (default: by the model's number of labels)")
+    _add_inference_options(p)
+    _add_limit_options(p)
+    p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
+    p.set_defaults(func=cmd_predict)
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    """predict's options of `inference.segment`: mode, windows, resizing, test-time augmentation."""
+    from ..inference import MODES, RESIZE_MODES, TTA_SCALES, check_scales
+
     p.add_argument("--mode", choices=MODES, default="whole", help="whole image at once, or sliding windows")
     p.add_argument("--crop", type=_positive(int), default=None, help="slide window size (default: the model's input)")
     p.add_argument("--stride", type=_positive(int), default=None, help="slide step (default: 2/3 of the crop)")
@@ -500,6 +495,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scales", type=_checked(lambda text: check_scales([text])[0]), nargs="+", default=None,
                    help=f"TTA scale ratios (default {' '.join(map(str, TTA_SCALES))})")
     p.add_argument("--no-flip", action="store_true", help="TTA without the mirrored images")
+
+
+def _add_limit_options(p: argparse.ArgumentParser) -> None:
+    """predict's options of the resources it may take: threads, processes, memory, image size."""
+    from ..memory import MEMORY_ENV, parse_size
+
     p.add_argument("--threads", type=_positive(int), default=None, help="threads per process (numba and BLAS)")
     p.add_argument("--jobs", type=_positive(int, zero_ok=True), default=1,
                    help="processes (default 1; 0: one per core)")
@@ -509,25 +510,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=_positive(int), default=None, metavar="N",
                    help="refuse image files of more pixels, a guard against decompression bombs (default: Pillow's "
                         "89,478,485)")
-    p.add_argument("-r", "--recursive", action="store_true", help="also segment images in sub-directories")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors")
-    p.set_defaults(func=cmd_predict)
 
+
+def _add_checkpoint_commands(sub) -> None:
+    """models, download and info: the commands about checkpoints rather than images."""
     p = sub.add_parser("models", help="list the known checkpoints and which are cached or bundled")
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("download", help="download a Hub checkpoint into the cache; print its directory")
     p.add_argument("name")
-    p.add_argument("--revision", default="main")
+    _add_revision(p)
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("info", help="config summary, parameter count and MACs of a checkpoint (or b0..b5)")
     p.add_argument("name", metavar="DIR|NAME")
-    p.add_argument("--revision", default="main")
+    _add_revision(p)
     p.add_argument("--size", type=_positive(int), nargs=2, metavar=("H", "W"), default=None,
                    help="input size for the MAC count (default: the model's input size)")
     p.set_defaults(func=cmd_info)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="mean IoU of predicted label maps against annotations (matched by name)")
     p.add_argument("predictions", metavar="PRED_DIR")
     p.add_argument("labels", metavar="LABEL_DIR")
@@ -536,9 +539,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-labels", action="store_true", help="ADE20K annotations: 0 = ignore, v -> v - 1")
     p.add_argument("--json", metavar="FILE", help="also write the scores as JSON")
     p.set_defaults(func=cmd_evaluate)
-
-    sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
-    return parser
 
 
 def main(argv=None) -> int:
