@@ -8,9 +8,11 @@ the very same NumPy calls the fixture script used; a SHA-256 digest stored besid
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +314,19 @@ def memory_limit():
 
     yield memory.set_max_memory
     memory.set_max_memory(None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Raise TimeoutError in the block if it runs longer than `seconds` (a hang guard, not a speed test)."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -9,10 +9,8 @@ a bfloat16 tensor once switched loading to a reader that skipped safetensors' va
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from mininp_segformer.errors import CheckpointError, ConfigError
 from mininp_segformer.tools.flops import stage_sizes
 from mininp_segformer.model import min_input_size
 from mininp_segformer.weights import random_state_dict, save_checkpoint
+from tests.conftest import deadline
 from tests.tiny_checkpoint import make_checkpoint, safetensors_parts, write_safetensors
 
 CONFIG = variant_config("b0", num_labels=5)
@@ -40,21 +39,6 @@ def state():
 @pytest.fixture
 def ckpt(tmp_path, state):
     return save_checkpoint(tmp_path / "ckpt", CONFIG, state)
-
-
-@contextmanager
-def deadline(seconds: int):
-    """Turn a hang into a failure: SIGALRM interrupts even a blocking open() of a FIFO."""
-    def fire(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, fire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def run_python(code: str, *args, timeout: float, memory_gb: float = 4.0) -> subprocess.CompletedProcess:

@@ -3,10 +3,8 @@ documented thing) -- never a hang, a raw traceback from Pillow or NumPy, a file 
 for more memory than the machine has. Anything that could hang runs under a deadline (SIGALRM) or in a subprocess
 with a timeout; anything that could allocate without bound runs in a subprocess with an address-space limit."""
 
-import contextlib
 import os
 import resource
-import signal
 import struct
 import subprocess
 import sys
@@ -24,7 +22,7 @@ from mininp_segformer.tools import viz
 from mininp_segformer.tools.batch import output_paths
 from mininp_segformer.preprocessing import load_image
 from mininp_segformer.weights import random_state_dict
-from tests.conftest import REPO_ROOT, smooth_image
+from tests.conftest import REPO_ROOT, deadline, smooth_image
 from tests.test_cli import error_lines, run
 from tests.tiny_checkpoint import gradient_image, make_checkpoint
 
@@ -39,22 +37,6 @@ def model():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", num_labels=5, image_size=(64, 64))
-
-
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """Raise TimeoutError in the block if it runs longer than `seconds` (a hang guard, not a speed test)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s: a hang")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def png_chunk(kind: bytes, data: bytes) -> bytes:
