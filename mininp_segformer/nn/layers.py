@@ -25,12 +25,53 @@ def linear(x, weight, bias=None):
     return y
 
 
+def linear_backward(dout, x, weight):
+    """Gradients of `linear`: `dout: (..., C_out)`, `x: (..., C_in)`, `weight: (C_out, C_in)` -> (dx, dW, db).
+
+    dx = dout W; dW = dout^T x and db = sum(dout), both summed over all leading axes (every token uses one W).
+    """
+    dout2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])  # leading axes flattened: (M, C)
+    return dout @ weight, dout2.T @ x2, dout2.sum(axis=0)
+
+
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     """nn.LayerNorm over the last axis: `x: (..., C)`; biased variance, as torch. eps is torch's 1e-5 (see config)."""
     mean = x.mean(axis=-1, keepdims=True)
     centered = x - mean
     var = np.mean(centered * centered, axis=-1, keepdims=True)
     return centered / np.sqrt(var + x.dtype.type(eps)) * weight + bias
+
+
+def layer_norm_backward(dout, x, weight, eps=LAYER_NORM_EPS):
+    """Gradients of `layer_norm`: `dout, x: (..., C)`, `weight: (C,)` -> (dx, dweight, dbias).
+
+    With xhat = (x - mean) / sigma and g = dout * weight, means over the last axis (llm.c's doc/layernorm):
+    dx = (1 / sigma) (g - mean(g) - xhat mean(g xhat)); dweight = sum(dout xhat), dbias = sum(dout) over tokens.
+    """
+    return normalize_backward(dout, x, weight, eps, axis=-1)
+
+
+def moments(x, axis):
+    """Mean and biased variance of `x` over `axis` (an int or a tuple), kept as size-1 axes: torch's statistics."""
+    mean = x.mean(axis=axis, keepdims=True)
+    centered = x - mean
+    return mean, np.mean(centered * centered, axis=axis, keepdims=True)
+
+
+def normalize_backward(dout, x, weight, eps, axis):
+    """Backward of y = xhat * weight + bias, xhat = (x - mean) / sqrt(var + eps), statistics over `axis`.
+
+    The three-term formula: the mean and the variance depend on every x of their group, which adds the two
+    mean terms to g / sigma. LayerNorm's groups are the last axis; BatchNorm's (train mode) all the others.
+    The parameters are per channel (last axis), so their gradients sum over all leading axes.
+    """
+    mean, var = moments(x, axis)
+    rstd = 1 / np.sqrt(var + x.dtype.type(eps))
+    xhat = (x - mean) * rstd
+    g = dout * weight
+    dx = rstd * (g - g.mean(axis=axis, keepdims=True) - xhat * (g * xhat).mean(axis=axis, keepdims=True))
+    leading = tuple(range(x.ndim - 1))
+    return dx, (dout * xhat).sum(axis=leading), dout.sum(axis=leading)
 
 
 def gelu(x):
@@ -42,6 +83,17 @@ def gelu(x):
     return (0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))).astype(x.dtype)
 
 
+def gelu_backward(dout, x):
+    """Gradient of the exact GELU: d/dx [x Phi(x)] = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi).
+
+    Evaluated in float64, like `gelu`, and rounded once to `x`'s dtype.
+    """
+    x64 = np.asarray(x, dtype=np.float64)
+    cdf = 0.5 * (1.0 + erf(x64 / np.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x64 * x64) / np.sqrt(2.0 * np.pi)
+    return (dout * (cdf + x64 * pdf)).astype(x.dtype)
+
+
 def softmax(x, axis=-1, out=None):
     """Numerically stable softmax: subtracting the max changes nothing mathematically but avoids overflow.
 
@@ -49,6 +101,14 @@ def softmax(x, axis=-1, out=None):
     """
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return np.divide(e, e.sum(axis=axis, keepdims=True), out=out)
+
+
+def softmax_backward(dout, probs, axis=-1):
+    """Gradient of `softmax` from its output `probs`: the Jacobian diag(p) - p p^T times `dout`, never formed:
+
+    dx = p * (dout - sum(dout * p)), the sum over `axis`.
+    """
+    return probs * (dout - (dout * probs).sum(axis=axis, keepdims=True))
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -110,6 +170,11 @@ def batch_norm(x, weight, bias, running_mean, running_var, eps=BATCH_NORM_EPS):
 
 def relu(x):
     return np.maximum(x, 0)
+
+
+def relu_backward(dout, x):
+    """dx = dout where x > 0, else 0 (at x = 0 too, as torch)."""
+    return dout * (x > 0)
 
 
 def bilinear_taps(size_in: int, size_out: int):

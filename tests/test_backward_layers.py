@@ -1,0 +1,115 @@
+"""Each backward in nn/layers.py against central finite differences of its forward, in float64 on small shapes.
+
+The loss is L = sum(forward(...) * g) with a fixed random `g`, so dL/d(output) = g is the `dout` handed to the
+backward; every gradient it returns must agree with the numerical one to max|analytic - numeric| <= 1e-6 max|numeric|.
+No torch: the forward is the definition. The last tests feed in classic mistakes and check that this comparison
+rejects them, so a passing test means something.
+"""
+
+import numpy as np
+import pytest
+
+from mininp_segformer.nn import layers
+from tests.conftest import assert_close
+
+RTOL = 1e-6
+
+
+def numerical_grad(loss, x, eps=1e-6):
+    """Central differences (L(x + eps e_i) - L(x - eps e_i)) / 2 eps of the scalar `loss()` in every element of `x`.
+
+    `x` is changed in place and restored, so `loss` reads it through its closure.
+    """
+    grad = np.empty_like(x)
+    flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: x must be contiguous
+    for i in range(flat.size):
+        orig = flat[i]
+        flat[i] = orig + eps
+        plus = loss()
+        flat[i] = orig - eps
+        minus = loss()
+        flat[i] = orig
+        gflat[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def relative_error(analytic, numeric) -> float:
+    return float(np.max(np.abs(analytic - numeric)) / np.max(np.abs(numeric)))
+
+
+def check_grads(name, forward, inputs, grads, g):
+    """Each of `grads` (same order as `inputs`) against the finite differences of sum(forward(*inputs) * g)."""
+    assert len(grads) == len(inputs)
+    for i, (x, dx) in enumerate(zip(inputs, grads)):
+        numeric = numerical_grad(lambda: float(np.sum(forward(*inputs) * g)), x)
+        assert np.max(np.abs(numeric)) > 0, f"{name}: input {i} does not reach the loss, the check would be empty"
+        assert_close(f"{name} d(input {i})", dx, numeric, rtol_of_max=RTOL, dtype=np.float64)
+
+
+def randn(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+# --- linear, layer norm, GELU, softmax, ReLU ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 2, 3)])
+def test_linear_backward(lead):
+    rng = np.random.default_rng(0)
+    x, w, b = randn(rng, *lead, 4), randn(rng, 3, 4), randn(rng, 3)
+    g = randn(rng, *lead, 3)
+    check_grads("linear", layers.linear, (x, w, b), layers.linear_backward(g, x, w), g)
+
+
+@pytest.mark.parametrize("shape", [(2, 5), (2, 3, 6)])
+def test_layer_norm_backward(shape):
+    rng = np.random.default_rng(1)
+    c = shape[-1]
+    x, w, b = randn(rng, *shape) * 2 + 1, randn(rng, c), randn(rng, c)
+    g = randn(rng, *shape)
+    check_grads("layer_norm", layers.layer_norm, (x, w, b), layers.layer_norm_backward(g, x, w), g)
+
+
+def test_gelu_backward():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([randn(rng, 40) * 3, [-8.0, -3.0, -0.5, 0.0, 0.5, 3.0, 8.0]])
+    g = randn(rng, x.size)
+    check_grads("gelu", layers.gelu, (x,), (layers.gelu_backward(g, x),), g)
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_softmax_backward(axis):
+    rng = np.random.default_rng(3)
+    x, g = randn(rng, 2, 4, 5) * 2, randn(rng, 2, 4, 5)
+    probs = layers.softmax(x, axis=axis)
+    check_grads("softmax", lambda x: layers.softmax(x, axis=axis), (x,),
+                (layers.softmax_backward(g, probs, axis=axis),), g)
+
+
+def test_relu_backward():
+    rng = np.random.default_rng(4)
+    x = randn(rng, 3, 7)
+    x[np.abs(x) < 1e-3] = 0.5  # finite differences must not straddle the kink
+    g = randn(rng, 3, 7)
+    check_grads("relu", layers.relu, (x,), (layers.relu_backward(g, x),), g)
+    assert (layers.relu_backward(np.ones(3), np.zeros(3)) == 0).all()  # torch's choice at the kink: 0
+
+
+# --- float32 in, float32 out ----------------------------------------------------------------------------------------
+
+def test_backwards_keep_float32():
+    rng = np.random.default_rng(5)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    x, g = f32(2, 3, 4), f32(2, 3, 4)
+    cases = {
+        "linear": layers.linear_backward(f32(2, 3, 5), x, f32(5, 4)),
+        "layer_norm": layers.layer_norm_backward(g, x, f32(4)),
+        "gelu": (layers.gelu_backward(g, x),),
+        "softmax": (layers.softmax_backward(g, layers.softmax(x)),),
+        "relu": (layers.relu_backward(g, x),),
+    }
+    for name, grads in cases.items():
+        for grad in grads:
+            assert grad.dtype == np.float32, f"{name}: {grad.dtype}"
