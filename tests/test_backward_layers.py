@@ -109,7 +109,42 @@ def test_backwards_keep_float32():
         "gelu": (layers.gelu_backward(g, x),),
         "softmax": (layers.softmax_backward(g, layers.softmax(x)),),
         "relu": (layers.relu_backward(g, x),),
+        "batch_norm": layers.batch_norm_backward(g, x, f32(4), f32(4), np.abs(f32(4))),
+        "batch_norm_train": layers.batch_norm_train(x, f32(4), f32(4)) + layers.batch_norm_train_backward(g, x, f32(4)),
     }
     for name, grads in cases.items():
         for grad in grads:
             assert grad.dtype == np.float32, f"{name}: {grad.dtype}"
+
+
+# --- batch norm: inference and train mode --------------------------------------------------------------------------
+
+def test_batch_norm_backward():
+    rng = np.random.default_rng(6)
+    x, w, b, mean = randn(rng, 2, 3, 4, 5), randn(rng, 5), randn(rng, 5), randn(rng, 5)
+    var = rng.uniform(0.5, 2.0, 5)
+    g = randn(rng, 2, 3, 4, 5)
+    check_grads("batch_norm", lambda x, w, b: layers.batch_norm(x, w, b, mean, var), (x, w, b),
+                layers.batch_norm_backward(g, x, w, mean, var), g)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (4, 3)])
+def test_batch_norm_train_backward(shape):
+    rng = np.random.default_rng(7)
+    c = shape[-1]
+    x, w, b = randn(rng, *shape) * 2 + 1, randn(rng, c), randn(rng, c)
+    g = randn(rng, *shape)
+    check_grads("batch_norm_train", lambda x, w, b: layers.batch_norm_train(x, w, b)[0], (x, w, b),
+                layers.batch_norm_train_backward(g, x, w), g)
+
+
+def test_batch_norm_train_statistics():
+    """Train mode normalises each channel by its batch statistics (biased variance): out has mean bias, std weight."""
+    rng = np.random.default_rng(8)
+    x, w, b = randn(rng, 2, 3, 4, 5) * 3 + 2, randn(rng, 5), randn(rng, 5)
+    out, mean, var = layers.batch_norm_train(x, w, b, eps=0.0)
+    flat = x.reshape(-1, 5)
+    assert_close("batch mean", mean, flat.mean(axis=0), rtol_of_max=1e-12, dtype=np.float64)
+    assert_close("batch var", var, flat.var(axis=0, ddof=0), rtol_of_max=1e-12, dtype=np.float64)
+    assert_close("out mean", out.reshape(-1, 5).mean(axis=0), b, rtol_of_max=1e-12, dtype=np.float64)
+    assert_close("out std", out.reshape(-1, 5).std(axis=0), np.abs(w), rtol_of_max=1e-12, dtype=np.float64)

@@ -168,6 +168,35 @@ def batch_norm(x, weight, bias, running_mean, running_var, eps=BATCH_NORM_EPS):
     return (x - running_mean) / np.sqrt(running_var + x.dtype.type(eps)) * weight + bias
 
 
+def batch_norm_backward(dout, x, weight, running_mean, running_var, eps=BATCH_NORM_EPS):
+    """Gradients of the inference `batch_norm` -> (dx, dweight, dbias); `dout, x: (..., C)`, the rest `(C,)`.
+
+    The statistics are constants here, so it is a per-channel affine map: dx = dout * weight / sqrt(var + eps);
+    dweight = sum(dout * xhat), dbias = sum(dout) over all leading axes.
+    """
+    rstd = 1 / np.sqrt(running_var + x.dtype.type(eps))
+    leading = tuple(range(x.ndim - 1))
+    return dout * (weight * rstd), (dout * (x - running_mean) * rstd).sum(axis=leading), dout.sum(axis=leading)
+
+
+def batch_norm_train(x, weight, bias, eps=BATCH_NORM_EPS):
+    """nn.BatchNorm2d in train mode, channels-last `x: (..., C)` -> (out, mean, var), each `(C,)` statistic taken
+    over all axes but the last; `var` is the biased one, which is what normalises, as torch.
+
+    torch then updates its running estimates, which this does not do yet: running = 0.9 running + 0.1 batch
+    (momentum 0.1), with the *unbiased* variance var * n / (n - 1), n = the count per channel.
+    """
+    mean, var = moments(x, tuple(range(x.ndim - 1)))
+    mean, var = mean.reshape(-1), var.reshape(-1)
+    return batch_norm(x, weight, bias, mean, var, eps), mean, var
+
+
+def batch_norm_train_backward(dout, x, weight, eps=BATCH_NORM_EPS):
+    """Gradients of `batch_norm_train`'s `out` -> (dx, dweight, dbias): layer norm's three-term formula with the
+    means taken over all axes but the channels (the batch statistics depend on every x of their channel)."""
+    return normalize_backward(dout, x, weight, eps, axis=tuple(range(x.ndim - 1)))
+
+
 def relu(x):
     return np.maximum(x, 0)
 
