@@ -111,6 +111,9 @@ def test_backwards_keep_float32():
         "relu": (layers.relu_backward(g, x),),
         "batch_norm": layers.batch_norm_backward(g, x, f32(4), f32(4), np.abs(f32(4))),
         "batch_norm_train": layers.batch_norm_train(x, f32(4), f32(4)) + layers.batch_norm_train_backward(g, x, f32(4)),
+        "im2col": (layers.im2col_backward(f32(1, 2, 2, 27), (1, 3, 4, 3), 3, 2, 1),),
+        "conv2d": layers.conv2d_backward(f32(1, 2, 2, 5), f32(1, 3, 4, 3), f32(5, 3, 3, 3), 2, 1),
+        "depthwise_conv3x3": layers.depthwise_conv3x3_backward(f32(1, 3, 4, 5), f32(1, 3, 4, 5), f32(5, 1, 3, 3)),
     }
     for name, grads in cases.items():
         for grad in grads:
@@ -148,3 +151,49 @@ def test_batch_norm_train_statistics():
     assert_close("batch var", var, flat.var(axis=0, ddof=0), rtol_of_max=1e-12, dtype=np.float64)
     assert_close("out mean", out.reshape(-1, 5).mean(axis=0), b, rtol_of_max=1e-12, dtype=np.float64)
     assert_close("out std", out.reshape(-1, 5).std(axis=0), np.abs(w), rtol_of_max=1e-12, dtype=np.float64)
+
+
+# --- im2col, convolutions ----------------------------------------------------------------------------------------
+
+CONV_CASES = [  # (x shape, kernel, stride, padding), as in test_layers.py's conv tests
+    ((2, 7, 9, 3), 7, 4, 3),   # patch embedding on an odd size
+    ((1, 9, 6, 2), 3, 2, 1),   # later stages
+    ((1, 6, 5, 2), 3, 2, 0),   # x's last row is never read: its gradient is 0
+    ((1, 8, 8, 2), 4, 4, 0),   # spatial reduction: kernel = stride
+    ((1, 5, 7, 2), 3, 1, 1),   # overlapping windows
+    ((1, 3, 3, 2), 3, 2, 1),
+]
+
+
+@pytest.mark.parametrize("shape,k,stride,pad", CONV_CASES)
+def test_im2col_backward_is_its_adjoint(shape, k, stride, pad):
+    """<im2col(x), c> = <x, im2col_backward(c)> for random x and c: col2im is im2col's transpose."""
+    rng = np.random.default_rng(9)
+    x = randn(rng, *shape)
+    cols = layers.im2col(x, k, stride, pad)
+    c = randn(rng, *cols.shape)
+    dx = layers.im2col_backward(c, x.shape, k, stride, pad)
+    assert dx.shape == x.shape and dx.dtype == np.float64
+    lhs, rhs = np.sum(cols * c), np.sum(x * dx)
+    assert abs(lhs - rhs) <= 1e-12 * np.sum(np.abs(cols * c)), (lhs, rhs)
+
+
+@pytest.mark.parametrize("shape,k,stride,pad", CONV_CASES)
+def test_conv2d_backward(shape, k, stride, pad):
+    rng = np.random.default_rng(10)
+    x, w, b = randn(rng, *shape), randn(rng, 3, shape[-1], k, k), randn(rng, 3)
+    g = randn(rng, *layers.conv2d(x, w, b, stride, pad).shape)
+    check_grads("conv2d", lambda x, w, b: layers.conv2d(x, w, b, stride, pad), (x, w, b),
+                layers.conv2d_backward(g, x, w, stride, pad), g)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 3), (1, 1, 1, 2), (1, 2, 6, 1)])
+def test_depthwise_conv3x3_backward(shape):
+    rng = np.random.default_rng(11)
+    c = shape[-1]
+    x, w, b = randn(rng, *shape), randn(rng, c, 1, 3, 3), randn(rng, c)
+    g = randn(rng, *shape)
+    grads = layers.depthwise_conv3x3_backward(g, x, w)
+    check_grads("depthwise_conv3x3", layers.depthwise_conv3x3, (x, w, b), grads, g)
+    if shape[1:3] == (1, 1):  # a 1 x 1 map sees only the centre tap: the other taps' gradient is exactly 0
+        assert (np.delete(grads[1].reshape(c, 9), 4, axis=1) == 0).all()

@@ -131,6 +131,22 @@ def im2col(x, kernel: int, stride: int, padding: int):
     return cols.reshape(b, h_out, w_out, kernel * kernel * c)
 
 
+def im2col_backward(dcols, x_shape, kernel: int, stride: int, padding: int):
+    """col2im, the adjoint of `im2col`: `dcols: (B, H_out, W_out, k * k * C)` -> `dx` of shape `x_shape` (B, H, W, C).
+
+    Each kernel tap's slice is added back where im2col read it (overlapping windows sum), then the padding is
+    dropped. One strided slice per tap, as in im2col.
+    """
+    b, h, w, c = x_shape
+    _, h_out, w_out, _ = dcols.shape
+    dcols = dcols.reshape(b, h_out, w_out, kernel, kernel, c)
+    dxp = np.zeros((b, h + 2 * padding, w + 2 * padding, c), dtype=dcols.dtype)
+    for ky in range(kernel):
+        for kx in range(kernel):
+            dxp[:, ky : ky + stride * h_out : stride, kx : kx + stride * w_out : stride, :] += dcols[:, :, :, ky, kx, :]
+    return dxp[:, padding : padding + h, padding : padding + w, :]
+
+
 def conv_weight_matrix(weight):
     """A conv weight `(C_out, C_in, k, k)` as the matrix `(C_out, k * k * C_in)` that multiplies im2col's rows:
     torch's (c, ky, kx) order becomes our channels-last (ky, kx, c)."""
@@ -142,6 +158,15 @@ def conv2d(x, weight, bias, stride: int, padding: int):
     """nn.Conv2d as one matmul: `x: (B, H, W, C_in)`, `weight: (C_out, C_in, k, k)` -> `(B, H_out, W_out, C_out)`."""
     k = weight.shape[-1]
     return linear(im2col(x, k, stride, padding), conv_weight_matrix(weight), bias)
+
+
+def conv2d_backward(dout, x, weight, stride: int, padding: int):
+    """Gradients of `conv2d` -> (dx, dweight, dbias): `linear_backward` of the matmul, then `im2col_backward` for
+    dx and the weight matrix's gradient put back into torch's `(C_out, C_in, k, k)` layout."""
+    c_out, c_in, k, _ = weight.shape
+    dcols, dmatrix, dbias = linear_backward(dout, im2col(x, k, stride, padding), conv_weight_matrix(weight))
+    dweight = dmatrix.reshape(c_out, k, k, c_in).transpose(0, 3, 1, 2)  # (ky, kx, c) columns back to (c, ky, kx)
+    return im2col_backward(dcols, x.shape, k, stride, padding), dweight, dbias
 
 
 def depthwise_conv3x3(x, weight, bias):
@@ -156,6 +181,20 @@ def depthwise_conv3x3(x, weight, bias):
         for kx in range(3):
             out += xp[:, ky : ky + h, kx : kx + w, :] * weight[:, 0, ky, kx]
     return out
+
+
+def depthwise_conv3x3_backward(dout, x, weight):
+    """Gradients of `depthwise_conv3x3` -> (dx, dweight, dbias); `dout, x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`.
+
+    Through im2col's 9 taps per pixel, each channel on its own: out[c] = sum_t cols[t, c] w[c, t] + b[c], so
+    dweight[c, t] = sum(dout[c] cols[t, c]) over pixels, dcols[t, c] = dout[c] w[c, t], and dx = col2im(dcols).
+    """
+    b, h, w, c = x.shape
+    taps = weight[:, 0].reshape(c, 9).T  # (9, C), taps in im2col's (ky, kx) order
+    cols = im2col(x, 3, 1, 1).reshape(b, h, w, 9, c)
+    dweight = np.einsum("bhwtc,bhwc->ct", cols, dout).reshape(weight.shape)
+    dcols = (dout[:, :, :, None, :] * taps).reshape(b, h, w, 9 * c)
+    return im2col_backward(dcols, x.shape, 3, 1, 1), dweight, dout.sum(axis=(0, 1, 2))
 
 
 def depthwise_conv3x3_gelu(x, weight, bias):
