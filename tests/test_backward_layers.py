@@ -8,6 +8,7 @@ rejects them, so a passing test means something.
 
 import numpy as np
 import pytest
+from scipy.special import ndtr
 
 from mininp_segformer.nn import layers
 from tests.conftest import assert_close
@@ -20,8 +21,9 @@ def numerical_grad(loss, x, eps=1e-6):
 
     `x` is changed in place and restored, so `loss` reads it through its closure.
     """
+    assert x.flags.c_contiguous, "x.reshape(-1) must be a view of x"
     grad = np.empty_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)  # views: x must be contiguous
+    flat, gflat = x.reshape(-1), grad.reshape(-1)
     for i in range(flat.size):
         orig = flat[i]
         flat[i] = orig + eps
@@ -31,10 +33,6 @@ def numerical_grad(loss, x, eps=1e-6):
         flat[i] = orig
         gflat[i] = (plus - minus) / (2 * eps)
     return grad
-
-
-def relative_error(analytic, numeric) -> float:
-    return float(np.max(np.abs(analytic - numeric)) / np.max(np.abs(numeric)))
 
 
 def check_grads(name, forward, inputs, grads, g):
@@ -92,32 +90,6 @@ def test_relu_backward():
     g = randn(rng, 3, 7)
     check_grads("relu", layers.relu, (x,), (layers.relu_backward(g, x),), g)
     assert (layers.relu_backward(np.ones(3), np.zeros(3)) == 0).all()  # torch's choice at the kink: 0
-
-
-# --- float32 in, float32 out ----------------------------------------------------------------------------------------
-
-def test_backwards_keep_float32():
-    rng = np.random.default_rng(5)
-
-    def f32(*shape):
-        return rng.standard_normal(shape).astype(np.float32)
-
-    x, g = f32(2, 3, 4), f32(2, 3, 4)
-    cases = {
-        "linear": layers.linear_backward(f32(2, 3, 5), x, f32(5, 4)),
-        "layer_norm": layers.layer_norm_backward(g, x, f32(4)),
-        "gelu": (layers.gelu_backward(g, x),),
-        "softmax": (layers.softmax_backward(g, layers.softmax(x)),),
-        "relu": (layers.relu_backward(g, x),),
-        "batch_norm": layers.batch_norm_backward(g, x, f32(4), f32(4), np.abs(f32(4))),
-        "batch_norm_train": layers.batch_norm_train(x, f32(4), f32(4)) + layers.batch_norm_train_backward(g, x, f32(4)),
-        "im2col": (layers.im2col_backward(f32(1, 2, 2, 27), (1, 3, 4, 3), 3, 2, 1),),
-        "conv2d": layers.conv2d_backward(f32(1, 2, 2, 5), f32(1, 3, 4, 3), f32(5, 3, 3, 3), 2, 1),
-        "depthwise_conv3x3": layers.depthwise_conv3x3_backward(f32(1, 3, 4, 5), f32(1, 3, 4, 5), f32(5, 1, 3, 3)),
-    }
-    for name, grads in cases.items():
-        for grad in grads:
-            assert grad.dtype == np.float32, f"{name}: {grad.dtype}"
 
 
 # --- batch norm: inference and train mode --------------------------------------------------------------------------
@@ -197,3 +169,73 @@ def test_depthwise_conv3x3_backward(shape):
     check_grads("depthwise_conv3x3", layers.depthwise_conv3x3, (x, w, b), grads, g)
     if shape[1:3] == (1, 1):  # a 1 x 1 map sees only the centre tap: the other taps' gradient is exactly 0
         assert (np.delete(grads[1].reshape(c, 9), 4, axis=1) == 0).all()
+
+
+# --- float32 in, float32 out ----------------------------------------------------------------------------------------
+
+def test_backwards_keep_float32():
+    rng = np.random.default_rng(5)
+
+    def f32(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    x, g = f32(2, 3, 4), f32(2, 3, 4)
+    cases = {
+        "linear": layers.linear_backward(f32(2, 3, 5), x, f32(5, 4)),
+        "layer_norm": layers.layer_norm_backward(g, x, f32(4)),
+        "gelu": (layers.gelu_backward(g, x),),
+        "softmax": (layers.softmax_backward(g, layers.softmax(x)),),
+        "relu": (layers.relu_backward(g, x),),
+        "batch_norm": layers.batch_norm_backward(g, x, f32(4), f32(4), np.abs(f32(4))),
+        "batch_norm_train": layers.batch_norm_train(x, f32(4), f32(4)) + layers.batch_norm_train_backward(g, x, f32(4)),
+        "im2col": (layers.im2col_backward(f32(1, 2, 2, 27), (1, 3, 4, 3), 3, 2, 1),),
+        "conv2d": layers.conv2d_backward(f32(1, 2, 2, 5), f32(1, 3, 4, 3), f32(5, 3, 3, 3), 2, 1),
+        "depthwise_conv3x3": layers.depthwise_conv3x3_backward(f32(1, 3, 4, 5), f32(1, 3, 4, 5), f32(5, 1, 3, 3)),
+    }
+    for name, grads in cases.items():
+        for grad in grads:
+            assert grad.dtype == np.float32, f"{name}: {grad.dtype}"
+
+
+# --- the checks can fail: classic mistakes are rejected ------------------------------------------------------------
+
+def _mistakes():
+    """{name: (forward, inputs, wrong gradients, g)}: a plausible bug in each family of backward."""
+    rng = np.random.default_rng(12)
+    x, w, b, g = randn(rng, 2, 3, 4), randn(rng, 4), randn(rng, 4), randn(rng, 2, 3, 4)
+    mean, var = randn(rng, 4), rng.uniform(0.5, 2.0, 4)
+    wl, bl, gl = randn(rng, 5, 4), randn(rng, 5), randn(rng, 2, 3, 5)
+    _, dw, db = layers.layer_norm_backward(g, x, w)
+    gw, sigma = g * w, np.sqrt(x.var(axis=-1, keepdims=True) + 1e-5)
+    probs = layers.softmax(x)
+    xc, wc, bc, gc = randn(rng, 1, 5, 6, 2), randn(rng, 3, 2, 3, 3), randn(rng, 3), randn(rng, 1, 3, 3, 3)
+    dxc, dwc, dbc = layers.conv2d_backward(gc, xc, wc, 2, 1)
+    xd, wd, bd, gd = randn(rng, 1, 3, 4, 4), randn(rng, 4, 1, 3, 3), randn(rng, 4), randn(rng, 1, 3, 4, 4)
+    dxd, dwd, dbd = layers.depthwise_conv3x3_backward(gd, xd, wd)
+    return {
+        "linear: bias gradient averaged over tokens": (
+            layers.linear, (x, wl, bl), layers.linear_backward(gl, x, wl)[:2] + (gl.reshape(-1, 5).mean(axis=0),), gl),
+        "layer_norm: third term dropped": (
+            layers.layer_norm, (x, w, b), ((gw - gw.mean(axis=-1, keepdims=True)) / sigma, dw, db), g),
+        "gelu: x phi(x) forgotten": (layers.gelu, (x,), (g * ndtr(x),), g),
+        "softmax: the Jacobian's diagonal only": (layers.softmax, (x,), (g * probs * (1 - probs),), g),
+        "relu: gradient passed through": (layers.relu, (x,), (g,), g),
+        "batch_norm: 1 / sigma forgotten": (
+            lambda x, w, b: layers.batch_norm(x, w, b, mean, var), (x, w, b),
+            (g * w,) + layers.batch_norm_backward(g, x, w, mean, var)[1:], g),
+        "batch_norm_train: batch statistics held constant": (
+            lambda x, w, b: layers.batch_norm_train(x, w, b)[0], (x, w, b),
+            layers.batch_norm_backward(g, x, w, *layers.batch_norm_train(x, w, b)[1:]), g),
+        "conv2d: weight matrix read back in torch's (c, ky, kx) order": (
+            lambda x, w, b: layers.conv2d(x, w, b, 2, 1), (xc, wc, bc),
+            (dxc, np.moveaxis(dwc, 1, -1).reshape(wc.shape), dbc), gc),
+        "depthwise_conv3x3: taps transposed": (
+            layers.depthwise_conv3x3, (xd, wd, bd), (dxd, dwd.transpose(0, 1, 3, 2), dbd), gd),
+    }
+
+
+@pytest.mark.parametrize("mistake", list(_mistakes()))
+def test_a_wrong_gradient_fails_the_check(mistake):
+    forward, inputs, grads, g = _mistakes()[mistake]
+    with pytest.raises(AssertionError, match="> tol"):  # over the tolerance, not a shape or dtype slip
+        check_grads(mistake, forward, inputs, grads, g)

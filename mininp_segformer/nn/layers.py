@@ -34,12 +34,17 @@ def linear_backward(dout, x, weight):
     return dout @ weight, dout2.T @ x2, dout2.sum(axis=0)
 
 
+def moments(x, axis):
+    """Mean and biased variance of `x` over `axis` (an int or a tuple), kept as size-1 axes: torch's statistics."""
+    mean = x.mean(axis=axis, keepdims=True)
+    centered = x - mean
+    return mean, np.mean(centered * centered, axis=axis, keepdims=True)
+
+
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     """nn.LayerNorm over the last axis: `x: (..., C)`; biased variance, as torch. eps is torch's 1e-5 (see config)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    centered = x - mean
-    var = np.mean(centered * centered, axis=-1, keepdims=True)
-    return centered / np.sqrt(var + x.dtype.type(eps)) * weight + bias
+    mean, var = moments(x, axis=-1)
+    return (x - mean) / np.sqrt(var + x.dtype.type(eps)) * weight + bias
 
 
 def layer_norm_backward(dout, x, weight, eps=LAYER_NORM_EPS):
@@ -49,13 +54,6 @@ def layer_norm_backward(dout, x, weight, eps=LAYER_NORM_EPS):
     dx = (1 / sigma) (g - mean(g) - xhat mean(g xhat)); dweight = sum(dout xhat), dbias = sum(dout) over tokens.
     """
     return normalize_backward(dout, x, weight, eps, axis=-1)
-
-
-def moments(x, axis):
-    """Mean and biased variance of `x` over `axis` (an int or a tuple), kept as size-1 axes: torch's statistics."""
-    mean = x.mean(axis=axis, keepdims=True)
-    centered = x - mean
-    return mean, np.mean(centered * centered, axis=axis, keepdims=True)
 
 
 def normalize_backward(dout, x, weight, eps, axis):
