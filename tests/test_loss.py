@@ -199,6 +199,7 @@ def test_segmentation_without_labelled_pixels_raises():
 @pytest.mark.parametrize("labels,match", [
     (np.zeros((2, 8)), "shape"),                              # missing an axis
     (np.zeros((3, 8, 8), dtype=np.int64), "B = 2"),           # another batch
+    (np.zeros((2, 0, 8), dtype=np.int64), "non-empty"),        # no pixel at all
     (np.zeros((2, 8, 8)), "integer class ids"),              # float labels
     (np.full((2, 8, 8), 3), r"\[0, 3\)"),                    # a class the logits don't have
     (np.full((2, 8, 8), -1), r"\[0, 3\)"),                   # negative, not the ignore index

@@ -76,8 +76,8 @@ def semantic_segmentation_loss(logits, labels, ignore_index=SEMANTIC_IGNORE_INDE
     if logits.ndim != 4 or logits.shape[1] < 1:
         raise LabelError(f"logits must be (B, C, h, w) with C >= 1, got shape {logits.shape}")
     b, c = logits.shape[:2]
-    if labels.ndim != 3 or labels.shape[0] != b:
-        raise LabelError(f"labels must be (B, H, W) with B = {b} as the logits, got shape {labels.shape}")
+    if labels.ndim != 3 or labels.shape[0] != b or labels.size == 0:
+        raise LabelError(f"labels must be a non-empty (B, H, W) with B = {b} as the logits, got shape {labels.shape}")
     binary = c == 1
     valid = _check_class_ids(labels, 2 if binary else c, ignore_index, "labels")
     n_valid = int(valid.sum())
