@@ -273,9 +273,11 @@ def test_problem_type_is_inferred_as_hf_does():
     assert infer_problem_type(3, np.zeros(4, dtype=np.int32)) == "single_label_classification"
     assert infer_problem_type(3, np.zeros((4, 3))) == "multi_label_classification"
     logits, labels = classification_case(9, 5, (4, 5), "float")
-    assert classification_loss(logits, labels)[0] == classification_loss(logits, labels, "multi_label_classification")[0]
+    assert classification_loss(logits, labels)[0] == \
+        classification_loss(logits, labels, "multi_label_classification")[0]
     logits, labels = classification_case(9, 5, (4,), "int")
-    assert classification_loss(logits, labels)[0] == classification_loss(logits, labels, "single_label_classification")[0]
+    assert classification_loss(logits, labels)[0] == \
+        classification_loss(logits, labels, "single_label_classification")[0]
 
 
 def test_regression_of_one_sample_squeezes_to_a_scalar():
