@@ -13,8 +13,8 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .config import SegformerConfig, variant_config  # noqa: E402
-from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, ResourceError,  # noqa: E402
-                     SegformerError)
+from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, LabelError,  # noqa: E402
+                     ResourceError, SegformerError)
 from .inference import segment  # noqa: E402
 from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
 from .preprocessing import postprocess, preprocess  # noqa: E402
@@ -22,7 +22,8 @@ from .threads import code_paths, set_num_threads  # noqa: E402
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
            "preprocess", "postprocess", "segment", "set_num_threads", "code_paths",
-           "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "ResourceError"]
+           "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "LabelError",
+           "ResourceError"]
 
 if os.environ.get("MININP_SEGFORMER_THREADS"):
     set_num_threads(int(os.environ["MININP_SEGFORMER_THREADS"]))

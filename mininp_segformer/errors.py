@@ -9,6 +9,7 @@ size) is raised as one of these, with a message that names the file or value and
     ├── CheckpointError    weights that cannot be loaded: missing, corrupt, mis-shaped, NaN
     │   └── DownloadError  a checkpoint that could not be fetched from the hub, or arrived damaged
     ├── ImageError         an input that is not an image we can segment
+    ├── LabelError         training labels that do not fit the logits (shape, dtype, range, none labelled)
     └── ResourceError      work that would exceed a limit (memory, pixels) before it starts
 """
 
@@ -31,6 +32,10 @@ class DownloadError(CheckpointError):
 
 class ImageError(SegformerError):
     """An input that is not an image we can segment."""
+
+
+class LabelError(SegformerError):
+    """Labels a loss cannot use: the wrong shape or dtype, a class id out of range, or no labelled pixel at all."""
 
 
 class ResourceError(SegformerError):

@@ -6,6 +6,7 @@
     attention.py  efficient self-attention with spatial reduction (Eq. 1-2)
     encoder.py    overlap patch merging, Mix-FFN (Eq. 3), the transformer block, the MiT encoder and its geometry
     decoder.py    the all-MLP decode head (Eq. 4), as written and algebraically fused; the classification head
+    loss.py       the losses of HF's heads (segmentation, classification) with their gradients
 
 The components take an `ops` argument, the namespace their building blocks come from: `layers` (plain NumPy, float32
 or float64) or `kernels` (numba, float32). `BACKENDS` names them as `Segformer(..., backend=...)` does.

@@ -284,6 +284,35 @@ def resize_bilinear(x, size, axes=(-2, -1)):
     return _resize_axis(_resize_axis(x, ax_w, out_w), ax_h, out_h)
 
 
+
+def _taps_backward(dout, i0, i1, t, one_minus_t, size_in: int):
+    """The adjoint of `y[i] = x[i0[i]] (1 - t[i]) + x[i1[i]] t[i]` along axis 0: `dout: (size_out, ...)` ->
+    `dx: (size_in, ...)`, each output's gradient scattered back onto its two source rows (`np.add.at` sums repeats)."""
+    shape = (-1,) + (1,) * (dout.ndim - 1)
+    dx = np.zeros((size_in,) + dout.shape[1:], dtype=dout.dtype)
+    np.add.at(dx, i0, dout * one_minus_t.astype(dout.dtype).reshape(shape))
+    np.add.at(dx, i1, dout * t.astype(dout.dtype).reshape(shape))
+    return dx
+
+
+def _resize_axis_backward(dout, axis: int, size_in: int):
+    """The adjoint of `_resize_axis` (a linear map, so its transpose): back from `dout.shape[axis]` to `size_in`."""
+    if dout.shape[axis] == size_in:
+        return dout  # the forward is an identity at equal sizes
+    dx = _taps_backward(np.moveaxis(dout, axis, 0), *bilinear_taps(size_in, dout.shape[axis]), size_in)
+    return np.moveaxis(dx, 0, axis)
+
+
+def resize_bilinear_backward(dout, in_size, axes=(-2, -1)):
+    """The adjoint (transpose) of `resize_bilinear`: `dout` has the resized shape, `in_size` is the input's
+    (height, width); returns `dx` with the input's shape.
+
+    resize = R_h R_w (width first), so dx = R_w^T R_h^T dout: the height pass undone first, then the width pass.
+    """
+    ax_h, ax_w = (a % dout.ndim for a in axes)
+    in_h, in_w = in_size
+    return _resize_axis_backward(_resize_axis_backward(dout, ax_h, in_h), ax_w, in_w)
+
 def add_resized(out, x):
     """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps `(B, H, W, C)`; returns `out`.
 
@@ -325,3 +354,23 @@ def resize_rows(x, size, start: int, stop: int, in_h: int | None = None, offset:
     wide = resize_bilinear(x[lo - offset : hi - offset], (hi - lo, out_w), axes=(0, 1))  # along the width only
     t, one_minus_t = t.astype(x.dtype)[:, None, None], one_minus_t.astype(x.dtype)[:, None, None]
     return wide[i0 - lo] * one_minus_t + wide[i1 - lo] * t
+
+
+def resize_rows_backward(dout, dx, size, start: int, stop: int):
+    """The adjoint of `resize_rows(full, size, start, stop)`, accumulated (llm.c style) into `dx`, the gradient of
+    the whole `(in_h, w, ...)` map `full`; returns `dx`.
+
+    `dout: (stop - start, W, ...)` is the gradient of those output rows. It goes back through the height taps into
+    the width-resized rows `lo:hi` they read, then through the width adjoint onto rows `lo:hi` of `dx`; summed over
+    bands that tile the output, it is `resize_bilinear_backward(dout, (in_h, w), axes=(0, 1))`.
+    """
+    in_h, in_w = dx.shape[:2]
+    out_h, out_w = size
+    if in_h == out_h:
+        dx[start:stop] += resize_bilinear_backward(dout, (stop - start, in_w), axes=(0, 1))
+        return dx
+    i0, i1, t, one_minus_t = (a[start:stop] for a in bilinear_taps(in_h, out_h))
+    lo, hi = int(i0[0]), int(i1[-1]) + 1
+    dwide = _taps_backward(dout, i0 - lo, i1 - lo, t, one_minus_t, hi - lo)  # (hi - lo, W, ...)
+    dx[lo:hi] += resize_bilinear_backward(dwide, (hi - lo, in_w), axes=(0, 1))  # the width adjoint only
+    return dx
