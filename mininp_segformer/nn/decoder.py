@@ -10,20 +10,63 @@ from ..config import BATCH_NORM_EPS
 from . import layers
 
 
-def all_mlp_decode_head(stages, p: dict, ops=layers):
+def all_mlp_decode_head(stages, p: dict, ops=layers, train: bool = False, cache: dict | None = None):
     """The all-MLP decoder on the four stage maps `(B, H_i, W_i, C_i)` -> logits `(B, H_1, W_1, num_labels)`.
 
     Eq. 4: each F_i is projected to C = decoder_hidden_size by a linear layer, upsampled (bilinear) to H/4 x W/4,
     the four are concatenated -- in reversed order, stage 4 first, as HF and the original code do -- fused by a
     1x1 conv (no bias) + BatchNorm + ReLU, and classified by a 1x1 conv. `p` is the `decode_head` subtree.
+
+    `train`: BatchNorm normalises with the batch's statistics (`layers.batch_norm_train`, the running ones are not
+    updated) instead of the running ones. `cache`: a dict to fill for `all_mlp_decode_head_backward`.
     """
     size = stages[0].shape[1:3]
     projected = [ops.linear(f, c["proj"]["weight"], c["proj"]["bias"]) for f, c in zip(stages, p["linear_c"])]
     upsampled = [ops.resize_bilinear(f, size, axes=(1, 2)) for f in projected]
-    fused = ops.linear(np.concatenate(upsampled[::-1], axis=-1), p["linear_fuse"]["weight"][:, :, 0, 0])  # 1x1 conv
+    concat = np.concatenate(upsampled[::-1], axis=-1)
+    fused = ops.linear(concat, p["linear_fuse"]["weight"][:, :, 0, 0])  # 1x1 conv
     bn = p["batch_norm"]
-    fused = ops.relu(ops.batch_norm(fused, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]))
-    return ops.linear(fused, p["classifier"]["weight"][:, :, 0, 0], p["classifier"]["bias"])
+    if train:
+        normed = layers.batch_norm_train(fused, bn["weight"], bn["bias"])[0]  # no numba twin: NumPy's
+    else:
+        normed = ops.batch_norm(fused, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"])
+    activated = ops.relu(normed)
+    if cache is not None:
+        cache.update(stages=stages, concat=concat, fused=fused, normed=normed, activated=activated, train=train)
+    return ops.linear(activated, p["classifier"]["weight"][:, :, 0, 0], p["classifier"]["bias"])
+
+
+def all_mlp_decode_head_backward(dlogits, cache: dict, p: dict):
+    """Gradients of `all_mlp_decode_head`: `dlogits: (B, H_1, W_1, num_labels)` -> (dstages, grads).
+
+    `dstages`: the four `(B, H_i, W_i, C_i)` gradients; `grads`: the `decode_head` subtree's layout, BatchNorm with
+    `weight` and `bias` only (its running statistics are state, not parameters). Each step undone in reverse: the
+    classifier, ReLU, BatchNorm (the batch statistics' three-term formula in train mode), the fuse conv, the
+    concatenation (split in its reversed stage order), the upsampling (its adjoint) and the per-stage linears.
+    """
+    classifier, fuse, bn = p["classifier"], p["linear_fuse"], p["batch_norm"]
+    dactivated, dw_cls, db_cls = layers.linear_backward(dlogits, cache["activated"], classifier["weight"][:, :, 0, 0])
+    dnormed = layers.relu_backward(dactivated, cache["normed"])
+    if cache["train"]:
+        dfused, dgamma, dbeta = layers.batch_norm_train_backward(dnormed, cache["fused"], bn["weight"])
+    else:
+        dfused, dgamma, dbeta = layers.batch_norm_backward(dnormed, cache["fused"], bn["weight"],
+                                                           bn["running_mean"], bn["running_var"])
+    dconcat, dw_fuse, _ = layers.linear_backward(dfused, cache["concat"], fuse["weight"][:, :, 0, 0])  # no bias
+    dupsampled = np.split(dconcat, len(p["linear_c"]), axis=-1)[::-1]  # blocks in stage order 1..n again
+    dstages, linear_c = [], []
+    for f, c, dup in zip(cache["stages"], p["linear_c"], dupsampled):
+        dprojected = layers.resize_bilinear_backward(dup, f.shape[1:3], axes=(1, 2))
+        df, dw, db = layers.linear_backward(dprojected, f, c["proj"]["weight"])
+        dstages.append(df)
+        linear_c.append({"proj": {"weight": dw, "bias": db}})
+    grads = {
+        "linear_c": linear_c,
+        "linear_fuse": {"weight": dw_fuse.reshape(fuse["weight"].shape)},
+        "batch_norm": {"weight": dgamma, "bias": dbeta},
+        "classifier": {"weight": dw_cls.reshape(classifier["weight"].shape), "bias": db_cls},
+    }
+    return dstages, grads
 
 
 @dataclass(frozen=True)
@@ -67,7 +110,11 @@ def fold_decode_head(p: dict, dtype=np.float32) -> FoldedDecodeHead:
 
 
 def fused_decode_head(stages, folded: FoldedDecodeHead, ops=layers):
-    """`all_mlp_decode_head` computed through `fold_decode_head`'s weights: stage maps -> `(B, H_1, W_1, labels)`."""
+    """`all_mlp_decode_head` computed through `fold_decode_head`'s weights: stage maps -> `(B, H_1, W_1, labels)`.
+
+    Inference only, so it has no backward: the folded weights are functions of the trained ones (and of the running
+    statistics, which train mode does not normalise with); training runs the literal `all_mlp_decode_head`.
+    """
     b, h, w, _ = stages[0].shape
     fused = np.empty((b, h, w, folded.bias.shape[0]), dtype=stages[0].dtype)
     fused[...] = folded.bias
@@ -76,7 +123,20 @@ def fused_decode_head(stages, folded: FoldedDecodeHead, ops=layers):
     return ops.linear(ops.relu(fused), folded.classifier_weight, folded.classifier_bias)
 
 
-def classification_head(last_stage, p: dict, ops=layers):
+def classification_head(last_stage, p: dict, ops=layers, cache: dict | None = None):
     """`(B, H_4, W_4, C_4)` -> `(B, num_labels)`: mean over the last stage's tokens, then a linear layer."""
     pooled = last_stage.mean(axis=(1, 2))
+    if cache is not None:
+        cache.update(pooled=pooled, shape=last_stage.shape)
     return ops.linear(pooled, p["weight"], p["bias"])
+
+
+def classification_head_backward(dlogits, cache: dict, p: dict):
+    """Gradients of `classification_head`: `dlogits: (B, num_labels)` -> (dlast_stage `(B, H_4, W_4, C_4)`, grads).
+
+    The mean's gradient is spread evenly: every one of the H_4 W_4 tokens gets dpooled / (H_4 W_4).
+    """
+    dpooled, dw, db = layers.linear_backward(dlogits, cache["pooled"], p["weight"])
+    b, h, w, c = cache["shape"]
+    dlast_stage = np.broadcast_to(dpooled[:, None, None, :] / (h * w), (b, h, w, c)).copy()
+    return dlast_stage, {"weight": dw, "bias": db}
