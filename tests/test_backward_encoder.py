@@ -121,7 +121,7 @@ def test_spatial_reduction_backward(height, width, r):
                {"x": x, "p": sub}, {"x": dx, "p": grads}, g, rng)
     dmap = dx.reshape(2, height, width, 3)  # rows and columns past the last whole R x R tile: exactly 0
     assert (dmap[:, height // r * r :] == 0).all() and (dmap[:, :, width // r * r :] == 0).all()
-    assert (height % r or width % r) == (dmap == 0).any()
+    assert bool(height % r or width % r) == (dmap == 0).any()  # and nothing else is
 
 
 ATTENTION_CASES = [  # (heads, sr_ratio, height, width)
