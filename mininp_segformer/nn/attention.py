@@ -10,11 +10,17 @@ from __future__ import annotations
 from . import layers
 
 
-def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int, ops=layers):
+def child_cache(cache: dict | None, key):
+    """`cache[key]`, a new dict there if absent; None without a cache: how a forward hands a sub-component its own."""
+    return None if cache is None else cache.setdefault(key, {})
+
+
+def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int, ops=layers, cache: dict | None = None):
     """`x: (B, N, C)` -> `(B, N / R^2, C)`: conv(kernel = stride = R, no padding) on the token map, then LayerNorm.
 
     A conv whose kernel equals its stride sees every pixel once: cut the map into R x R tiles (rows and columns past
     the last whole tile are dropped, as torch's conv drops them), flatten each tile, and one matmul does the conv.
+    `cache`: a dict to fill with what `spatial_reduction_backward` needs.
     """
     b, n, c = x.shape
     r = sr_ratio
@@ -22,7 +28,27 @@ def spatial_reduction(x, height: int, width: int, p: dict, sr_ratio: int, ops=la
     tiles = x.reshape(b, height, width, c)[:, : h * r, : w * r]
     tiles = tiles.reshape(b, h, r, w, r, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, r * r * c)
     reduced = ops.linear(tiles, layers.conv_weight_matrix(p["sr"]["weight"]), p["sr"]["bias"])  # tiles in (ky, kx, c)
+    if cache is not None:
+        cache.update(x=x, reduced=reduced)
     return ops.layer_norm(reduced, p["layer_norm"]["weight"], p["layer_norm"]["bias"])
+
+
+def spatial_reduction_backward(dout, cache, height: int, width: int, sr_ratio: int, p: dict):
+    """Gradients of `spatial_reduction`: `dout: (B, N / R^2, C)` -> (dx `(B, N, C)`, grads of `p`'s `sr` and
+    `layer_norm`, the two subtrees it reads).
+
+    The tiling and its matmul are the conv kernel = stride = R, padding 0 on the token map, so its backward is
+    `conv2d_backward`'s: col2im leaves the dropped rows and columns (H or W not a multiple of R) a zero gradient.
+    """
+    x, r = cache["x"], sr_ratio
+    b, n, c = x.shape
+    ln = p["layer_norm"]
+    dreduced, dln_weight, dln_bias = layers.layer_norm_backward(dout, cache["reduced"], ln["weight"])
+    dreduced = dreduced.reshape(b, height // r, width // r, -1)
+    dx, dweight, dbias = layers.conv2d_backward(dreduced, x.reshape(b, height, width, c), p["sr"]["weight"],
+                                                stride=r, padding=0)
+    return dx.reshape(b, n, c), {"sr": {"weight": dweight, "bias": dbias},
+                                 "layer_norm": {"weight": dln_weight, "bias": dln_bias}}
 
 
 def split_heads(x, num_heads: int):
@@ -31,23 +57,65 @@ def split_heads(x, num_heads: int):
     return x.reshape(b, n, num_heads, c // num_heads).transpose(0, 2, 1, 3)
 
 
-def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers):
+def merge_heads(x):
+    """`(B, heads, N, C / heads)` -> `(B, N, C)`: the inverse of `split_heads`."""
+    b, heads, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, n, heads * d)
+
+
+def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers,
+                             cache: dict | None = None):
     """`x: (B, N, C)` -> (output `(B, N, C)`, attention probabilities `(B, heads, N, N_reduced)`).
 
     `p` is the checkpoint's `attention` subtree: `self.{query,key,value,sr,layer_norm}` and `output.dense`; `ops`
-    the namespace of the building blocks (`layers`, or the numba `kernels`).
+    the namespace of the building blocks (`layers`, or the numba `kernels`); `cache` a dict to fill with what
+    `efficient_self_attention_backward` needs.
     """
     ps = p["self"]
-    b, n, c = x.shape
-    head_dim = c // num_heads
+    head_dim = x.shape[-1] // num_heads
     q = split_heads(ops.linear(x, ps["query"]["weight"], ps["query"]["bias"]), num_heads)
-    kv = spatial_reduction(x, height, width, ps, sr_ratio, ops) if sr_ratio > 1 else x
+    kv = (spatial_reduction(x, height, width, ps, sr_ratio, ops, child_cache(cache, "spatial_reduction"))
+          if sr_ratio > 1 else x)
     k = split_heads(ops.linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
     v = split_heads(ops.linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
     # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V   (paper Eq. 1). The scale is applied to Q, which is
     # N_reduced / d_head times smaller than the scores it would otherwise multiply.
     scores = (q * x.dtype.type(head_dim**-0.5)) @ k.transpose(0, 1, 3, 2)
     probs = ops.softmax(scores, out=scores)  # in place: the scores are not needed again
-    context = (probs @ v).transpose(0, 2, 1, 3).reshape(b, n, c)  # merge heads back
+    context = merge_heads(probs @ v)
     out = ops.linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
+    if cache is not None:  # the backward needs the probabilities, not the scores they overwrote
+        cache.update(x=x, kv=kv, q=q, k=k, v=v, probs=probs, context=context)
     return out, probs
+
+
+def efficient_self_attention_backward(dout, cache, height: int, width: int, num_heads: int, sr_ratio: int, p: dict):
+    """Gradients of `efficient_self_attention`'s output: `dout: (B, N, C)` -> (dx `(B, N, C)`, grads of `p`).
+
+    Eq. 1 backwards, with O = P V, P = softmax(S), S = (s Q) K^T, s = 1 / sqrt(d_head), per head:
+    dV = P^T dO, dP = dO V^T, dS = softmax_backward(dP), dQ = s dS K, dK = dS^T (s Q). Keys and values both
+    read `kv` (the reduced sequence when R > 1), so their two gradients add before the spatial reduction's backward;
+    the queries' gradient adds to x's directly. (The probabilities as an output are for inspection: no gradient.)
+    """
+    ps = p["self"]
+    x, kv, q, k, v, probs = (cache[name] for name in ("x", "kv", "q", "k", "v", "probs"))
+    scale = x.dtype.type((x.shape[-1] // num_heads) ** -0.5)
+    dcontext, dwo, dbo = layers.linear_backward(dout, cache["context"], p["output"]["dense"]["weight"])
+    dcontext = split_heads(dcontext, num_heads)  # (B, heads, N, d_head)
+    dv = probs.transpose(0, 1, 3, 2) @ dcontext
+    dscores = layers.softmax_backward(dcontext @ v.transpose(0, 1, 3, 2), probs)
+    dq = (dscores @ k) * scale
+    dk = dscores.transpose(0, 1, 3, 2) @ (q * scale)
+    grads = {"self": {}, "output": {"dense": {"weight": dwo, "bias": dbo}}}
+
+    def linear_heads_backward(name, d, inp):  # the backward of split_heads(linear(inp)), d: (B, heads, N, d_head)
+        dinp, dweight, dbias = layers.linear_backward(merge_heads(d), inp, ps[name]["weight"])
+        grads["self"][name] = {"weight": dweight, "bias": dbias}
+        return dinp
+
+    dx = linear_heads_backward("query", dq, x)
+    dkv = linear_heads_backward("key", dk, kv) + linear_heads_backward("value", dv, kv)
+    if sr_ratio > 1:
+        dkv, sr_grads = spatial_reduction_backward(dkv, cache["spatial_reduction"], height, width, sr_ratio, ps)
+        grads["self"].update(sr_grads)
+    return dx + dkv, grads

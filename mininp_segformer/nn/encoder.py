@@ -7,7 +7,9 @@ conv leaks enough position information (zero padding) for the model to work at a
 
 from __future__ import annotations
 
-from .attention import efficient_self_attention
+import numpy as np
+
+from .attention import child_cache, efficient_self_attention, efficient_self_attention_backward
 from ..config import SegformerConfig
 from . import layers
 from .layers import conv_output_size
@@ -52,51 +54,136 @@ def min_input_size(config: SegformerConfig) -> int:
 
 # ---- the encoder
 
-def overlap_patch_merging(x, p: dict, patch_size: int, stride: int, ops=layers):
+def overlap_patch_merging(x, p: dict, patch_size: int, stride: int, ops=layers, cache: dict | None = None):
     """`x: (B, H, W, C_in)` -> tokens `(B, H', W', C)`: a conv whose kernel overlaps its stride
     (7/4 pad 3 in stage 1, 3/2 pad 1 after), then LayerNorm. Overlap keeps local continuity across patches."""
-    x = ops.conv2d(x, p["proj"]["weight"], p["proj"]["bias"], stride=stride, padding=patch_size // 2)
-    return ops.layer_norm(x, p["layer_norm"]["weight"], p["layer_norm"]["bias"])
+    conv = ops.conv2d(x, p["proj"]["weight"], p["proj"]["bias"], stride=stride, padding=patch_size // 2)
+    if cache is not None:
+        cache.update(x=x, conv=conv)
+    return ops.layer_norm(conv, p["layer_norm"]["weight"], p["layer_norm"]["bias"])
 
 
-def mix_ffn(x, height: int, width: int, p: dict, ops=layers):
+def overlap_patch_merging_backward(dout, cache, patch_size: int, stride: int, p: dict):
+    """Gradients of `overlap_patch_merging`: `dout: (B, H', W', C)` -> (dx `(B, H, W, C_in)`, grads of `p`)."""
+    ln = p["layer_norm"]
+    dconv, dln_weight, dln_bias = layers.layer_norm_backward(dout, cache["conv"], ln["weight"])
+    dx, dweight, dbias = layers.conv2d_backward(dconv, cache["x"], p["proj"]["weight"], stride, patch_size // 2)
+    return dx, {"proj": {"weight": dweight, "bias": dbias}, "layer_norm": {"weight": dln_weight, "bias": dln_bias}}
+
+
+def mix_ffn(x, height: int, width: int, p: dict, ops=layers, cache: dict | None = None):
     """Mix-FFN (Eq. 3): x_out = MLP(GELU(Conv3x3(MLP(x_in)))) on `x: (B, N, C)`; the residual is added by the block."""
     b, n, _ = x.shape
-    h = ops.linear(x, p["dense1"]["weight"], p["dense1"]["bias"])
+    h = ops.linear(x, p["dense1"]["weight"], p["dense1"]["bias"]).reshape(b, height, width, -1)
     dw = p["dwconv"]["dwconv"]
-    # GELU(DWConv3x3(h)): the numba twin does both in one pass over memory
-    h = ops.depthwise_conv3x3_gelu(h.reshape(b, height, width, -1), dw["weight"], dw["bias"])
-    return ops.linear(h.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
+    if cache is None:  # GELU(DWConv3x3(h)): the numba twin does both in one pass over memory
+        a = ops.depthwise_conv3x3_gelu(h, dw["weight"], dw["bias"])
+    else:  # the backward needs GELU's input, so the two steps run apart
+        conv = ops.depthwise_conv3x3(h, dw["weight"], dw["bias"])
+        a = ops.gelu(conv)
+        cache.update(x=x, h=h, conv=conv, gelu=a)
+    return ops.linear(a.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
 
 
-def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers):
+def mix_ffn_backward(dout, cache, height: int, width: int, p: dict):
+    """Gradients of `mix_ffn`: `dout: (B, N, C)` -> (dx `(B, N, C)`, grads of `p`): dense2, GELU, the depthwise
+    conv and dense1 backwards, in that order."""
+    b, n, _ = dout.shape
+    dgelu, dw2, db2 = layers.linear_backward(dout, cache["gelu"].reshape(b, n, -1), p["dense2"]["weight"])
+    dconv = layers.gelu_backward(dgelu.reshape(b, height, width, -1), cache["conv"])
+    dh, dwdw, dbdw = layers.depthwise_conv3x3_backward(dconv, cache["h"], p["dwconv"]["dwconv"]["weight"])
+    dx, dw1, db1 = layers.linear_backward(dh.reshape(b, n, -1), cache["x"], p["dense1"]["weight"])
+    return dx, {"dense1": {"weight": dw1, "bias": db1}, "dwconv": {"dwconv": {"weight": dwdw, "bias": dbdw}},
+                "dense2": {"weight": dw2, "bias": db2}}
+
+
+def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers,
+                      cache: dict | None = None):
     """One pre-norm block on `x: (B, N, C)`; returns (x, attention probabilities)."""
     ln1, ln2 = p["layer_norm_1"], p["layer_norm_2"]
     attn, probs = efficient_self_attention(ops.layer_norm(x, ln1["weight"], ln1["bias"]), height, width,
-                                           p["attention"], num_heads, sr_ratio, ops)
-    x = x + attn
-    x = x + mix_ffn(ops.layer_norm(x, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops)
+                                           p["attention"], num_heads, sr_ratio, ops, child_cache(cache, "attention"))
+    mid = x + attn
+    if cache is not None:  # the two LayerNorms' inputs
+        cache.update(x=x, mid=mid)
+    x = mid + mix_ffn(ops.layer_norm(mid, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops,
+                      child_cache(cache, "mlp"))
     return x, probs
 
 
-def mix_transformer(pixel_values, p: dict, config: SegformerConfig, output_attentions: bool = False, ops=layers):
+def transformer_block_backward(dout, cache, height: int, width: int, num_heads: int, sr_ratio: int, p: dict):
+    """Gradients of `transformer_block`'s x: `dout: (B, N, C)` -> (dx, grads of `p`).
+
+    Each residual branch passes `dout` through unchanged and adds its own path's gradient: for mid = x + attn(LN1 x)
+    and out = mid + mlp(LN2 mid), d mid = d out + LN2'(mlp'(d out)), then dx = d mid + LN1'(attn'(d mid)).
+    """
+    ln1, ln2 = p["layer_norm_1"], p["layer_norm_2"]
+    dnorm2, mlp_grads = mix_ffn_backward(dout, cache["mlp"], height, width, p["mlp"])
+    dmid, dln2_weight, dln2_bias = layers.layer_norm_backward(dnorm2, cache["mid"], ln2["weight"])
+    dmid += dout
+    dnorm1, attn_grads = efficient_self_attention_backward(dmid, cache["attention"], height, width, num_heads,
+                                                           sr_ratio, p["attention"])
+    dx, dln1_weight, dln1_bias = layers.layer_norm_backward(dnorm1, cache["x"], ln1["weight"])
+    dx += dmid
+    return dx, {"layer_norm_1": {"weight": dln1_weight, "bias": dln1_bias}, "attention": attn_grads,
+                "layer_norm_2": {"weight": dln2_weight, "bias": dln2_bias}, "mlp": mlp_grads}
+
+
+def mix_transformer(pixel_values, p: dict, config: SegformerConfig, output_attentions: bool = False, ops=layers,
+                    cache: dict | None = None):
     """The MiT encoder on channels-last `pixel_values: (B, H, W, C)`.
 
     `p` is the checkpoint's `encoder` subtree. Returns (the four stage maps `(B, H_i, W_i, C_i)`, the attention
-    probabilities of every block in stage-major order -- an empty list unless `output_attentions`).
+    probabilities of every block in stage-major order -- an empty list unless `output_attentions`). `cache`: a
+    dict to fill with what `mix_transformer_backward` needs, keyed `("patch_embeddings", stage)`,
+    `("block", stage, i)` and `("layer_norm", stage)` (that LayerNorm's input).
     """
     x = pixel_values
     stages, attentions = [], []
+    if cache is not None:
+        cache["input_shape"] = x.shape
     for s in range(config.num_encoder_blocks):
-        x = overlap_patch_merging(x, p["patch_embeddings"][s], config.patch_sizes[s], config.strides[s], ops)
+        x = overlap_patch_merging(x, p["patch_embeddings"][s], config.patch_sizes[s], config.strides[s], ops,
+                                  child_cache(cache, ("patch_embeddings", s)))
         b, height, width, c = x.shape
         x = x.reshape(b, height * width, c)  # map -> tokens: the same memory
-        for block in p["block"][s]:
+        for i, block in enumerate(p["block"][s]):
             x, probs = transformer_block(x, height, width, block, config.num_attention_heads[s], config.sr_ratios[s],
-                                         ops)
+                                         ops, child_cache(cache, ("block", s, i)))
             if output_attentions:  # else let them go: at stage 1 of B0@512 each is 16 MB
                 attentions.append(probs)
+        if cache is not None:
+            cache["layer_norm", s] = x
         ln = p["layer_norm"][s]
         x = ops.layer_norm(x, ln["weight"], ln["bias"]).reshape(b, height, width, c)
         stages.append(x)
     return stages, attentions
+
+
+def mix_transformer_backward(dstages, cache, config: SegformerConfig, p: dict):
+    """Gradients of `mix_transformer`'s stage maps -> (d pixel_values, grads of `p`, the `encoder` subtree).
+
+    `dstages`: the gradient of each stage map `(B, H_i, W_i, C_i)`, None for one that does not reach the loss.
+    Stage i's map is both an output and stage i+1's input, so its gradient is the sum of the two; the stages are
+    undone last to first: final LayerNorm, the blocks in reverse, patch merging.
+    """
+    n = config.num_encoder_blocks
+    b, height, width, _ = cache["input_shape"]
+    grads = {"patch_embeddings": [None] * n, "block": [None] * n, "layer_norm": [None] * n}
+    dx = None  # the gradient of the current stage's output map through the next stage
+    for s, (h, w) in reversed(list(enumerate(stage_sizes(config, height, width)))):
+        tokens = cache["layer_norm", s]
+        dmap = np.zeros((b, h, w, tokens.shape[-1]), tokens.dtype) if dstages[s] is None else dstages[s]
+        if dx is not None:
+            dmap = dmap + dx
+        dx, dln_weight, dln_bias = layers.layer_norm_backward(dmap.reshape(tokens.shape), tokens,
+                                                              p["layer_norm"][s]["weight"])
+        grads["layer_norm"][s] = {"weight": dln_weight, "bias": dln_bias}
+        grads["block"][s] = [None] * len(p["block"][s])
+        for i in reversed(range(len(p["block"][s]))):
+            dx, grads["block"][s][i] = transformer_block_backward(
+                dx, cache["block", s, i], h, w, config.num_attention_heads[s], config.sr_ratios[s], p["block"][s][i])
+        dx, grads["patch_embeddings"][s] = overlap_patch_merging_backward(
+            dx.reshape(b, h, w, -1), cache["patch_embeddings", s], config.patch_sizes[s], config.strides[s],
+            p["patch_embeddings"][s])
+    return dx, grads
