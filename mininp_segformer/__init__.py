@@ -16,12 +16,12 @@ from .config import SegformerConfig, variant_config  # noqa: E402
 from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, LabelError,  # noqa: E402
                      ResourceError, SegformerError)
 from .inference import segment  # noqa: E402
-from .model import Segformer, SegformerOutput, load, predict  # noqa: E402
+from .model import Segformer, SegformerOutput, load, predict, value_and_grad  # noqa: E402
 from .preprocessing import postprocess, preprocess  # noqa: E402
 from .threads import code_paths, set_num_threads  # noqa: E402
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
-           "preprocess", "postprocess", "segment", "set_num_threads", "code_paths",
+           "preprocess", "postprocess", "segment", "set_num_threads", "code_paths", "value_and_grad",
            "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "LabelError",
            "ResourceError"]
 

@@ -15,11 +15,13 @@ from .config import SegformerConfig, check_int, read_json, show_value
 from .errors import ConfigError
 from .memory import check_memory, estimate_forward_bytes
 from .nn import BACKENDS
-from .nn.decoder import all_mlp_decode_head, classification_head, fold_decode_head, fused_decode_head
-from .nn.encoder import min_input_size, mix_transformer
+from .nn.decoder import (all_mlp_decode_head, all_mlp_decode_head_backward, classification_head,
+                         classification_head_backward, fold_decode_head, fused_decode_head)
+from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backward
+from .nn.loss import classification_loss, semantic_segmentation_loss
 from .preprocessing import load_image, postprocess, preprocess
-from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head,
-                      load_checkpoint, unflatten)
+from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head, flatten,
+                      is_parameter, load_checkpoint, unflatten)
 
 DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
 SLIDE_HINT = ("segment large images in windows instead: inference.segment(image, model, mode='slide') (command "
@@ -91,6 +93,10 @@ class Segformer:
     @property
     def id2label(self) -> dict[int, str]:
         return self.config.id2label
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every tensor of the model under its checkpoint's Hub names, BatchNorm's running statistics included."""
+        return flatten(self.params)
 
     def forward_bytes(self, batch: int, height: int, width: int, output_attentions: bool = False) -> int:
         """`memory.estimate_forward_bytes` of a forward pass of this model on `(batch, C, height, width)`."""
@@ -222,3 +228,45 @@ def predict(image, model=None) -> np.ndarray:
     model.check_forward(1, *model.image_size)  # before preprocess allocates the resized image
     logits = model(preprocess(rgb, size=model.image_size)).logits
     return postprocess(logits, target_sizes=[rgb.shape[:2]])[0]
+
+
+def value_and_grad(model: Segformer, pixel_values, labels, input_grad: bool = False):
+    """The loss of HF's head for `labels` and its gradient with respect to every trainable parameter.
+
+    Returns `(loss, grads)`: `grads` maps each parameter's Hub name (BatchNorm's running statistics are state, not
+    parameters) to an array of its shape; with `input_grad`, also the gradient with respect to `pixel_values`,
+    `(loss, grads, dpixel_values)` (for saliency maps). The loss is `SegformerForSemanticSegmentation`'s
+    (`nn.loss.semantic_segmentation_loss`, labels `(B, H, W)`) or `SegformerForImageClassification`'s
+    (`nn.loss.classification_loss`). Evaluation mode, as the model stands after `load`: BatchNorm uses its running
+    statistics and there is no dropout. The segmentation head runs as written (Eq. 4, `decoder="literal"`): the
+    fused one is for inference. float64 (`backend="numpy", dtype="float64"`) gives exact gradients for checking.
+    """
+    if model.head == BACKBONE:
+        raise ValueError("value_and_grad needs a head to compute a loss: this model is a backbone (SegformerModel); "
+                         "load a segmentation or classification checkpoint")
+    x = model._check_pixel_values(pixel_values)
+    encoder_params = model.params["segformer"]["encoder"]
+    encoder_cache, head_cache = {}, {}
+    stages, _ = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder_params, model.config,
+                                ops=model.ops, cache=encoder_cache)
+    if model.head == SEMANTIC:
+        head_params = model.params["decode_head"]
+        logits = all_mlp_decode_head(stages, head_params, model.ops, cache=head_cache)  # (B, h, w, labels)
+        loss, dlogits = semantic_segmentation_loss(logits.transpose(0, 3, 1, 2), np.asarray(labels),
+                                                   ignore_index=model.config.semantic_loss_ignore_index)
+        dstages, head_grads = all_mlp_decode_head_backward(dlogits.transpose(0, 2, 3, 1), head_cache, head_params)
+        head_name = "decode_head"
+    else:
+        head_params = model.params["classifier"]
+        logits = classification_head(stages[-1], head_params, model.ops, cache=head_cache)
+        loss, dlogits = classification_loss(logits, np.asarray(labels))
+        dlast, head_grads = classification_head_backward(dlogits, head_cache, head_params)
+        dstages = [None] * (len(stages) - 1) + [dlast]
+        head_name = "classifier"
+    dx, encoder_grads = mix_transformer_backward(dstages, encoder_cache, model.config, encoder_params)
+    grads = {**flatten(encoder_grads, "segformer.encoder"), **flatten(head_grads, head_name)}
+    expected = {k for k in model.state_dict() if is_parameter(k)}
+    assert set(grads) == expected, f"gradients for {sorted(set(grads) ^ expected)[:5]}"  # the trees must match
+    if input_grad:
+        return loss, grads, np.ascontiguousarray(dx.transpose(0, 3, 1, 2))
+    return loss, grads

@@ -150,6 +150,11 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _BUFFER_SUFFIXES = ("running_mean", "running_var", *_IGNORED_SUFFIXES)
 
 
+def is_parameter(name: str) -> bool:
+    """Whether the tensor of Hub name `name` is a trainable parameter (not a BatchNorm buffer)."""
+    return not name.endswith(_BUFFER_SUFFIXES)
+
+
 def count_parameters(state_or_config, head: str = SEMANTIC) -> int:
     """Trainable parameters, as transformers' `num_parameters()` counts them: BatchNorm's running statistics and
     num_batches_tracked are buffers and left out.
@@ -161,7 +166,7 @@ def count_parameters(state_or_config, head: str = SEMANTIC) -> int:
         sizes = {k: math.prod(shape) for k, shape in expected_shapes(state_or_config, head).items()}
     else:
         sizes = {k: np.size(v) for k, v in state_or_config.items()}
-    return sum(int(n) for k, n in sizes.items() if not k.endswith(_BUFFER_SUFFIXES))
+    return sum(int(n) for k, n in sizes.items() if is_parameter(k))
 
 
 def _no_duplicate_keys(pairs):
@@ -309,7 +314,7 @@ def check_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head
         for k in set(expected) & present
         if tuple(state[k].shape) != expected[k]
     )
-    not_float = sorted(k for k in set(expected) & present if state[k].dtype != np.float32)
+    not_float = sorted(k for k in set(expected) & present if state[k].dtype not in (np.float32, np.float64))
     not_finite = sorted(
         f"{k}: {np.count_nonzero(~np.isfinite(state[k])):,} of {state[k].size:,} values are NaN or inf"
         for k in set(expected) & present
@@ -410,6 +415,20 @@ def unflatten(state: dict[str, np.ndarray]) -> dict:
         return node
 
     return listify(tree)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, np.ndarray]:
+    """The inverse of `unflatten`: `{"a": {"b": [{"c": x}]}}` -> `{"a.b.0.c": x}`, Hub names again."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix: tree}
+    out: dict[str, np.ndarray] = {}
+    for key, value in items:
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else key))
+    return out
 
 
 def random_state_dict(config: SegformerConfig, head: str = SEMANTIC, seed: int = 0,
