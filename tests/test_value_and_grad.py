@@ -9,6 +9,7 @@ import pytest
 
 import mininp_segformer as ms
 from mininp_segformer.weights import BACKBONE, CLASSIFICATION, count_parameters, is_parameter, random_state_dict
+from tests.test_backward_layers import numerical_grad
 
 TINY = dict(hidden_sizes=(4, 8, 8, 8), depths=(1, 1, 1, 1), num_attention_heads=(1, 2, 1, 2), decoder_hidden_size=8)
 
@@ -18,15 +19,9 @@ def tiny_model(head, num_labels=3, seed=0):
     return ms.Segformer(config, random_state_dict(config, head, seed=seed), backend="numpy", dtype="float64")
 
 
-def finite_difference(f, array, index, eps=1e-6):
-    """d f / d array[index], centrally, perturbing the array in place (and putting it back)."""
-    old = array[index]
-    array[index] = old + eps
-    up = f()
-    array[index] = old - eps
-    down = f()
-    array[index] = old
-    return (up - down) / (2 * eps)
+def finite_difference(f, array, flat_index):
+    """d f / d array.flat[flat_index], by `numerical_grad` on a one-element view of the array."""
+    return float(numerical_grad(f, array.reshape(-1)[flat_index : flat_index + 1])[0])
 
 
 def check_every_parameter(model, x, labels, rng):
@@ -38,14 +33,14 @@ def check_every_parameter(model, x, labels, rng):
     worst = 0.0
     for name, g in grads.items():
         assert g.shape == state[name].shape and g.dtype == np.float64, name
-        index = tuple(int(rng.integers(0, s)) for s in g.shape)  # one entry of every parameter
-        numeric = finite_difference(lambda: ms.value_and_grad(model, x, labels)[0], state[name], index)
-        worst = max(worst, abs(g[index] - numeric) / scale)
+        i = int(rng.integers(0, g.size))  # one entry of every parameter
+        numeric = finite_difference(lambda: ms.value_and_grad(model, x, labels)[0], state[name], i)
+        worst = max(worst, abs(g.reshape(-1)[i] - numeric) / scale)
     assert worst <= 1e-6, f"worst gradient error {worst:.2e} of the largest gradient"
     for _ in range(3):  # the input gradient (saliency)
-        index = tuple(int(rng.integers(0, s)) for s in x.shape)
-        numeric = finite_difference(lambda: ms.value_and_grad(model, x, labels)[0], x, index)
-        assert abs(dx[index] - numeric) <= 1e-6 * max(float(np.abs(dx).max()), 1e-12)
+        i = int(rng.integers(0, x.size))
+        numeric = finite_difference(lambda: ms.value_and_grad(model, x, labels)[0], x, i)
+        assert abs(dx.reshape(-1)[i] - numeric) <= 1e-6 * max(float(np.abs(dx).max()), 1e-12)
     return loss
 
 
