@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import SegformerConfig, check_int, read_json, show_value
-from .errors import ConfigError
+from .errors import ConfigError, SegformerError
 from .memory import check_memory, estimate_forward_bytes
 from .nn import BACKENDS
 from .nn.decoder import (all_mlp_decode_head, all_mlp_decode_head_backward, classification_head,
                          classification_head_backward, fold_decode_head, fused_decode_head)
 from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backward
-from .nn.loss import classification_loss, semantic_segmentation_loss
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head, flatten,
                       is_parameter, load_checkpoint, unflatten)
@@ -241,9 +240,11 @@ def value_and_grad(model: Segformer, pixel_values, labels, input_grad: bool = Fa
     statistics and there is no dropout. The segmentation head runs as written (Eq. 4, `decoder="literal"`): the
     fused one is for inference. float64 (`backend="numpy", dtype="float64"`) gives exact gradients for checking.
     """
+    from .nn.loss import classification_loss, semantic_segmentation_loss  # scipy: imported when training starts
+
     if model.head == BACKBONE:
-        raise ValueError("value_and_grad needs a head to compute a loss: this model is a backbone (SegformerModel); "
-                         "load a segmentation or classification checkpoint")
+        raise SegformerError("value_and_grad needs a head to compute a loss: this model is a backbone "
+                             "(SegformerModel); load a segmentation or classification checkpoint")
     x = model._check_pixel_values(pixel_values)
     encoder_params = model.params["segformer"]["encoder"]
     encoder_cache, head_cache = {}, {}

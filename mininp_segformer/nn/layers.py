@@ -12,7 +12,6 @@ runs, or float64 (for gradient checks and for measuring float32's own rounding).
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import erf
 
 from ..config import BATCH_NORM_EPS, LAYER_NORM_EPS
 
@@ -77,6 +76,8 @@ def gelu(x):
 
     Evaluated in float64 (scipy's erf) and rounded once to `x`'s dtype.
     """
+    from scipy.special import erf  # here, not at the top: the default (numba) path never needs scipy's 0.1 s import
+
     x64 = np.asarray(x, dtype=np.float64)
     return (0.5 * x64 * (1.0 + erf(x64 / np.sqrt(2.0)))).astype(x.dtype)
 
@@ -86,6 +87,8 @@ def gelu_backward(dout, x):
 
     Evaluated in float64, like `gelu`, and rounded once to `x`'s dtype.
     """
+    from scipy.special import erf  # as in gelu
+
     x64 = np.asarray(x, dtype=np.float64)
     cdf = 0.5 * (1.0 + erf(x64 / np.sqrt(2.0)))
     pdf = np.exp(-0.5 * x64 * x64) / np.sqrt(2.0 * np.pi)
