@@ -246,6 +246,7 @@ class SegformerConfig:
 # PyTorch's nn.LayerNorm / nn.BatchNorm2d default; what HF's SegFormer actually runs with.
 LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5
+BATCH_NORM_MOMENTUM = 0.1  # nn.BatchNorm2d's default: how fast train mode moves the running statistics
 
 # MiT encoder shapes (paper Table 6 / the Hub configs). Stage-wise: hidden sizes C_i, depths L_i; all variants
 # share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1), mlp ratios 4 and the patch embeddings (7/4, 3/2, 3/2, 3/2).

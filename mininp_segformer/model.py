@@ -18,6 +18,7 @@ from .nn import BACKENDS
 from .nn.decoder import (all_mlp_decode_head, all_mlp_decode_head_backward, classification_head,
                          classification_head_backward, fold_decode_head, fused_decode_head)
 from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backward
+from .nn.layers import EVAL, Mode
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head, flatten,
                       is_parameter, load_checkpoint, unflatten)
@@ -34,6 +35,7 @@ class SegformerOutput:
     The maps are (B, C, H, W) views of channels-last memory (`np.ascontiguousarray` gives a packed copy).
 
     logits: `(B, num_labels, H/4, W/4)` (segmentation) or `(B, num_labels)` (classification); None for a backbone.
+    loss: HF's loss for the `labels` given to the call (a float), else None.
     last_hidden_state: the last stage, `(B, C_4, H/32, W/32)` (or `(B, N_4, C_4)` if not `reshape_last_stage`).
     hidden_states: the four stage maps `(B, C_i, H_i, W_i)`, if asked for.
     attentions: one `(B, heads, N, N_reduced)` per block, stage-major, if asked for.
@@ -43,6 +45,7 @@ class SegformerOutput:
     last_hidden_state: np.ndarray
     hidden_states: tuple[np.ndarray, ...] | None = None
     attentions: tuple[np.ndarray, ...] | None = None
+    loss: float | None = None
 
 
 class Segformer:
@@ -51,12 +54,17 @@ class Segformer:
 
     `backend`: "numba" (the default: the numba kernels, float32) or "numpy" (every component on the plain-NumPy
     functions of `nn.layers`, the readable truth), in `dtype` float32 or float64. `decoder`: "fused" (the folded
-    decode head, `nn.decoder.fold_decode_head`) or "literal" (Eq. 4 as written).
+    decode head, `nn.decoder.fold_decode_head`) or "literal" (Eq. 4 as written); train mode always runs the literal
+    one.
+
+    Modes, as torch's modules: a model starts in eval mode (as `from_pretrained` leaves it); `model.train()` turns on
+    dropout, stochastic depth and BatchNorm's batch statistics (whose forward then also updates the running ones),
+    `model.eval()` turns them off. Train mode's masks are drawn from `model.rng`, a NumPy Generator (`seed`).
     """
 
     def __init__(self, config: SegformerConfig, state_dict: dict[str, np.ndarray], head: str | None = None,
                  image_size: tuple[int, int] = (512, 512), decoder: str = "fused", backend: str = "numba",
-                 dtype="float32"):
+                 dtype="float32", seed: int | None = None):
         config.validate()  # a config built in code has not been checked yet; its sizes bound what is built next
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {backend!r}")
@@ -75,7 +83,8 @@ class Segformer:
         if decoder not in ("fused", "literal"):
             raise ValueError(f"decoder must be 'fused' or 'literal', got {decoder!r}")
         self.decoder = decoder
-        self._folded = fold_decode_head(self.params["decode_head"], self.dtype) if self.head == SEMANTIC else None
+        self.training = False
+        self.rng = np.random.default_rng(seed)
         if self.head == SEMANTIC and not config.reshape_last_stage:
             raise ValueError(
                 "reshape_last_stage=False with the decode head is not supported: transformers' decode head would "
@@ -93,9 +102,39 @@ class Segformer:
     def id2label(self) -> dict[int, str]:
         return self.config.id2label
 
+    def train(self, mode: bool = True) -> "Segformer":
+        """Train mode (`mode=False`: eval mode), as torch's `module.train()`; returns the model."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> "Segformer":
+        """Eval mode, as torch's `module.eval()`: no dropout, BatchNorm on its running statistics."""
+        return self.train(False)
+
+    @property
+    def mode(self) -> Mode:
+        """What the components get: `nn.layers.EVAL`, or train mode with the config's probabilities and `rng`."""
+        if not self.training:
+            return EVAL
+        c = self.config
+        return Mode(training=True, rng=self.rng, hidden_dropout=c.hidden_dropout_prob,
+                    attention_dropout=c.attention_probs_dropout_prob, classifier_dropout=c.classifier_dropout_prob,
+                    drop_path_rate=c.drop_path_rate)
+
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Every tensor of the model under its checkpoint's Hub names, BatchNorm's running statistics included."""
+        """Every tensor of the model under its checkpoint's Hub names, BatchNorm's running statistics included: the
+        model's own arrays (an optimiser updates them in place), as torch's `state_dict()`."""
         return flatten(self.params)
+
+    def load_state_dict(self, state_dict: dict[str, np.ndarray]) -> None:
+        """Replace every tensor by `state_dict`'s (strict, as torch's default: exactly this model's Hub names and
+        shapes, float and finite, else a CheckpointError listing what differs), cast to the model's dtype."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict of Hub names to arrays, got {type(state_dict).__name__}")
+        state = {k: np.asarray(v) for k, v in state_dict.items()}
+        check_state_dict(state, self.config, self.head, source="state_dict")
+        current = self.state_dict()
+        self.params = unflatten({k: (state[k] if k in state else v).astype(self.dtype) for k, v in current.items()})
 
     def forward_bytes(self, batch: int, height: int, width: int, output_attentions: bool = False) -> int:
         """`memory.estimate_forward_bytes` of a forward pass of this model on `(batch, C, height, width)`."""
@@ -138,12 +177,16 @@ class Segformer:
             raise ValueError("pixel_values contain NaN or inf; check the image and the preprocessing")
         return x
 
-    def __call__(self, pixel_values, output_hidden_states: bool = False, output_attentions: bool = False):
-        """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes)."""
+    def __call__(self, pixel_values, labels=None, output_hidden_states: bool = False, output_attentions: bool = False):
+        """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes); with `labels` (`(B, H, W)`
+        class ids for segmentation, `(B,)` or `(B, num_labels)` for classification) also HF's loss, `out.loss`."""
         x = self._check_pixel_values(pixel_values, output_attentions)
+        if labels is not None:
+            labels = self.check_labels(labels, x.shape[0])
+        mode = self.mode
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
         stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config,
-                                             output_attentions, self.ops)
+                                             output_attentions, self.ops, mode=mode)
         # HF's layout: (B, C, H, W) maps; the last stage as (B, N, C) tokens when reshape_last_stage is off.
         # Transposed views of our channels-last arrays: the same numbers, nothing copied.
         hidden_states = tuple(f.transpose(0, 3, 1, 2) for f in stages)
@@ -151,10 +194,10 @@ class Segformer:
             b, h, w, c = stages[-1].shape
             hidden_states = hidden_states[:-1] + (stages[-1].reshape(b, h * w, c),)
         if self.head == SEMANTIC:
-            if self.decoder == "fused":
-                logits = fused_decode_head(stages, self._folded, self.ops)
+            if self.decoder == "fused" and not mode.training:  # folded from the current weights: ~1 ms for B0
+                logits = fused_decode_head(stages, fold_decode_head(self.params["decode_head"], self.dtype), self.ops)
             else:
-                logits = all_mlp_decode_head(stages, self.params["decode_head"], self.ops)
+                logits = all_mlp_decode_head(stages, self.params["decode_head"], self.ops, mode)
             logits = logits.transpose(0, 3, 1, 2)
         elif self.head == CLASSIFICATION:
             logits = classification_head(stages[-1], self.params["classifier"], self.ops)
@@ -166,7 +209,34 @@ class Segformer:
             last_hidden_state=last,
             hidden_states=hidden_states if output_hidden_states else None,
             attentions=tuple(attentions) if output_attentions else None,
+            loss=None if labels is None else float(self.loss(logits, labels)[0]),
         )
+
+    def check_labels(self, labels, batch: int) -> np.ndarray:
+        """`labels` for a batch of `batch`, checked before a forward runs (in train mode a forward changes
+        BatchNorm's running statistics, so bad labels must not get that far): a LabelError says what is wrong."""
+        from .nn.loss import check_classification_labels, check_segmentation_labels
+
+        if self.head == BACKBONE:
+            raise SegformerError("labels need a head to compute a loss: this model is a backbone (SegformerModel); "
+                                 "load a segmentation or classification checkpoint")
+        labels = np.asarray(labels)
+        c = self.config
+        if self.head == SEMANTIC:
+            check_segmentation_labels(labels, batch, c.num_labels, c.semantic_loss_ignore_index)
+        else:
+            check_classification_labels(labels, batch, c.num_labels)
+        return labels
+
+    def loss(self, logits, labels):
+        """HF's loss of this model's head and its gradient with respect to `logits` -> (loss, dlogits):
+        `nn.loss.semantic_segmentation_loss` (`logits: (B, num_labels, h, w)`, labels `(B, H, W)`) or
+        `nn.loss.classification_loss` (`(B, num_labels)`)."""
+        from .nn.loss import classification_loss, semantic_segmentation_loss  # scipy: imported when training starts
+
+        if self.head == SEMANTIC:
+            return semantic_segmentation_loss(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
+        return classification_loss(logits, labels)
 
 
 # preprocessor_config.json's `size`, as HF's SegformerImageProcessor reads it (get_size_dict, then resize): an
@@ -236,34 +306,35 @@ def value_and_grad(model: Segformer, pixel_values, labels, input_grad: bool = Fa
     parameters) to an array of its shape; with `input_grad`, also the gradient with respect to `pixel_values`,
     `(loss, grads, dpixel_values)` (for saliency maps). The loss is `SegformerForSemanticSegmentation`'s
     (`nn.loss.semantic_segmentation_loss`, labels `(B, H, W)`) or `SegformerForImageClassification`'s
-    (`nn.loss.classification_loss`). Evaluation mode, as the model stands after `load`: BatchNorm uses its running
-    statistics and there is no dropout. The segmentation head runs as written (Eq. 4, `decoder="literal"`): the
-    fused one is for inference. float64 (`backend="numpy", dtype="float64"`) gives exact gradients for checking.
-    """
-    from .nn.loss import classification_loss, semantic_segmentation_loss  # scipy: imported when training starts
+    (`nn.loss.classification_loss`).
 
-    if model.head == BACKBONE:
-        raise SegformerError("value_and_grad needs a head to compute a loss: this model is a backbone "
-                             "(SegformerModel); load a segmentation or classification checkpoint")
+    Computed in the model's mode, as `loss.backward()` after a forward in torch: eval mode (after `load`) uses
+    BatchNorm's running statistics and no dropout; after `model.train()` dropout and stochastic depth draw from
+    `model.rng`, BatchNorm normalises with the batch's statistics and updates its running ones. The segmentation
+    head runs as written (Eq. 4, `decoder="literal"`): the fused one is for inference. float64
+    (`backend="numpy", dtype="float64"`) gives exact gradients for checking.
+    """
     x = model._check_pixel_values(pixel_values)
+    labels = model.check_labels(labels, x.shape[0])
+    mode = model.mode
     encoder_params = model.params["segformer"]["encoder"]
     encoder_cache, head_cache = {}, {}
     stages, _ = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder_params, model.config,
-                                ops=model.ops, cache=encoder_cache)
+                                ops=model.ops, cache=encoder_cache, mode=mode)
     if model.head == SEMANTIC:
         head_params = model.params["decode_head"]
-        logits = all_mlp_decode_head(stages, head_params, model.ops, cache=head_cache)  # (B, h, w, labels)
-        loss, dlogits = semantic_segmentation_loss(logits.transpose(0, 3, 1, 2), np.asarray(labels),
-                                                   ignore_index=model.config.semantic_loss_ignore_index)
+        logits = all_mlp_decode_head(stages, head_params, model.ops, mode, head_cache)  # (B, h, w, labels)
+        loss, dlogits = model.loss(logits.transpose(0, 3, 1, 2), labels)
         dstages, head_grads = all_mlp_decode_head_backward(dlogits.transpose(0, 2, 3, 1), head_cache, head_params)
         head_name = "decode_head"
     else:
         head_params = model.params["classifier"]
         logits = classification_head(stages[-1], head_params, model.ops, cache=head_cache)
-        loss, dlogits = classification_loss(logits, np.asarray(labels))
+        loss, dlogits = model.loss(logits, labels)
         dlast, head_grads = classification_head_backward(dlogits, head_cache, head_params)
         dstages = [None] * (len(stages) - 1) + [dlast]
         head_name = "classifier"
+    del head_cache, logits, dlogits  # the head's activations go before the encoder's backward allocates its own
     dx, encoder_grads = mix_transformer_backward(dstages, encoder_cache, model.config, encoder_params)
     grads = {**flatten(encoder_grads, "segformer.encoder"), **flatten(head_grads, head_name)}
     expected = {k for k in model.state_dict() if is_parameter(k)}

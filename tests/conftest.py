@@ -40,6 +40,29 @@ def random_pixel_values(seed: int, shape) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32)
 
 
+def random_labels(seed: int, shape, num_labels: int, ignore_index: int = 255) -> np.ndarray:
+    """int64 class ids `(B, H, W)` in [0, num_labels) -- 0 or 1 when num_labels == 1, HF's binary case -- with
+    ignored pixels: a rectangle per image (rows H/4..H/2, columns W/3..W/2) and 5 % scattered."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, max(num_labels, 2), tuple(shape), dtype=np.int64)
+    b, h, w = labels.shape
+    labels[:, h // 4 : h // 2, w // 3 : w // 2] = ignore_index
+    labels[rng.random(labels.shape) < 0.05] = ignore_index
+    return labels
+
+
+N_GRAD_SAMPLES = 1024  # gradient entries a fixture keeps of a tensor it does not store whole
+
+
+def grad_sample_index(size: int, k: int = N_GRAD_SAMPLES) -> np.ndarray:
+    """The flat indices of a tensor of `size` entries whose gradients a fixture stores: all of them when
+    size <= 2k, else k spread over the tensor by a multiplicative hash (2654435761 is prime, so they are distinct),
+    the same on every machine and NumPy version."""
+    if size <= 2 * k:
+        return np.arange(size)
+    return np.sort(np.arange(k, dtype=np.int64) * 2654435761 % size)
+
+
 def random_logits(seed: int, shape, scale: float = 3.0) -> np.ndarray:
     """Normal float32 logits with std `scale`."""
     return (np.random.default_rng(seed).standard_normal(tuple(shape), dtype=np.float32) * np.float32(scale))
@@ -140,13 +163,13 @@ def load_fixture(name: str) -> tuple[dict, dict]:
 BACKENDS = ("numba", "numpy")  # Segformer(backend=...): the numba kernels, and the plain-NumPy functions
 
 
-def build_model(meta: dict, decoder: str = "fused", backend: str = "numba"):
+def build_model(meta: dict, decoder: str = "fused", backend: str = "numba", dtype: str = "float32"):
     """Our Segformer with the weights the fixture script gave HF: same config, head, seed (and statistics)."""
     from mininp_segformer import Segformer, SegformerConfig
 
     config = SegformerConfig.from_dict(meta["config"])
     state = weights_for(meta)
-    return Segformer(config, state, decoder=decoder, backend=backend), config, state
+    return Segformer(config, state, decoder=decoder, backend=backend, dtype=dtype), config, state
 
 
 def weights_for(meta: dict) -> dict:

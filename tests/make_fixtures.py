@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the package and tests/ of this checkout
 
 from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
-from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, random_state_dict,  # noqa: E402
-                                      read_safetensors, save_checkpoint, to_transformers5_name)
+from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, is_parameter,  # noqa: E402
+                                      random_state_dict, read_safetensors, save_checkpoint, to_transformers5_name)
 from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
-                            perturbed_ade_prediction, random_logits, random_pixel_values,
-                            random_segmentation_pair, smooth_image, state_digest)
+                            N_GRAD_SAMPLES, grad_sample_index, load_weight_stats, perturbed_ade_prediction,
+                            random_labels, random_logits, random_pixel_values, random_segmentation_pair,
+                            smooth_image, state_digest)
 
 import PIL  # noqa: E402
 import torch  # noqa: E402
@@ -56,7 +57,7 @@ STATS_JSON = SHARED_DIR / "reference" / "segformer-b0-ade_weight_stats.json"
 EXPECTED_JSON = SHARED_DIR / "reference" / "segformer_expected_logits.json"
 IMAGES_DIR = SHARED_DIR / "images"
 N_PIXEL_SAMPLES = 4096
-SIZE_BUDGET = 25_000_000  # bytes, all files in tests/fixtures
+SIZE_BUDGET = 50_000_000  # bytes, all files in tests/fixtures
 
 HF_CLASS = {SEMANTIC: SegformerForSemanticSegmentation, CLASSIFICATION: SegformerForImageClassification,
             BACKBONE: SegformerModel}
@@ -686,10 +687,137 @@ def case_l_components():
     save("l_demo_model_components", arrays, meta)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# u, v, w. Gradients: torch autograd's loss.backward() through HF's models
+# ----------------------------------------------------------------------------------------------------------------
+# Train mode has every dropout probability and drop_path_rate set to 0, so that it is deterministic: BatchNorm then
+# normalises with the batch's statistics (and updates its running ones), which is what train mode changes. torch
+# runs in float64 (`model.double()`): the references are then exact to float32's storage, so that the tests measure
+# our error, not torch's -- in float32 a ReLU input within rounding of 0 can fall on either side, and with ~10^5
+# decode-head values one such pixel is likely, moving the BatchNorm gradients of its channel by a few 1e-3. Each
+# gradient is stored under our Hub name (d pixel_values as "pixel_values"): whole, or at `grad_sample_index(size)`
+# (the tests make the same indices), with the largest |gradient| of the whole tensor, which scales its tolerance.
+# B0's train-mode gradients are stored whole (15 MB); b1..b5 keep N_SAMPLES_V entries a tensor (b5 has 82 M).
+
+NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+                  drop_path_rate=0.0)
+
+
+def torch_value_and_grad(model, state: dict, x: np.ndarray, labels: np.ndarray, train: bool):
+    """(loss, {Hub name: gradient}, d pixel_values) of HF's `model(pixel_values, labels=labels).loss.backward()`."""
+    model.double().train(train)
+    model.zero_grad(set_to_none=True)
+    pixel_values = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+    out = model(pixel_values=pixel_values, labels=torch.from_numpy(labels))
+    out.loss.backward()
+    params = dict(model.named_parameters())
+    grads = {k: np32(params[to_transformers5_name(k)].grad.float()) for k in state if is_parameter(k)}
+    if set(params) != {to_transformers5_name(k) for k in grads}:
+        raise SystemExit(f"parameters without a gradient: {sorted(set(params) - set(map(to_transformers5_name, grads)))}")
+    return float(out.loss), grads, np32(pixel_values.grad.float())
+
+
+def gradient_arrays(grads: dict, prefix: str = "", whole: bool = False, samples: int = N_GRAD_SAMPLES) -> dict:
+    """"<prefix>grads": every gradient (whole, or its `grad_sample_index` entries) flattened and concatenated in
+    the order of "<prefix>names"; "<prefix>absmax": each whole tensor's largest |gradient|, in that order."""
+    names = sorted(grads)
+    flats = [grads[k].reshape(-1) for k in names]
+    return {f"{prefix}names": np.array(names),
+            f"{prefix}grads": np.concatenate([f if whole else f[grad_sample_index(f.size, samples)] for f in flats]),
+            f"{prefix}absmax": np.array([np.abs(f).max() for f in flats], dtype=np.float32)}
+
+
+def gradient_meta(case, config, head, seed, state, x, x_seed, labels, stats=None, **extra) -> dict:
+    return {"case": case, "head": head, "config": config.to_dict(),
+            "weights": weights_meta(config, head, seed, stats, state=state),
+            "input": {"seed": x_seed, "shape": list(x.shape), "made_by": "random_pixel_values"},
+            "input_sha256": array_digest(x), "labels_sha256": array_digest(labels), **extra}
+
+
+SEED_U_WEIGHTS, SEED_U_INPUT, SEED_U_LABELS = 5001, 5002, 5003
+SHAPE_U = (2, 3, 67, 93)
+
+
+def case_u_b0_gradients():
+    """B0 with the real ADE config (dropout 0) and weights from the real statistics, batch 2 at 67 x 93, labels
+    with ignored regions: loss, every gradient and d pixel_values in train mode (whole), BatchNorm's running
+    statistics after that train-mode forward, then the same in eval mode (sampled), with those updated statistics."""
+    config = SegformerConfig.from_dict({**ade_config().to_dict(), **NO_DROPOUT})
+    stats = load_weight_stats()
+    state = random_state_dict(config, SEMANTIC, seed=SEED_U_WEIGHTS, stats=stats)
+    x = random_pixel_values(SEED_U_INPUT, SHAPE_U)
+    labels = random_labels(SEED_U_LABELS, (SHAPE_U[0], *SHAPE_U[2:]), config.num_labels)
+    arrays = {"labels": labels.astype(np.uint8)}
+    with hf_model(config, SEMANTIC, state) as model:
+        for mode, train in (("train", True), ("eval", False)):
+            loss, grads, dx = torch_value_and_grad(model, state, x, labels, train)
+            arrays.update({f"{mode}.loss": np.float64(loss),
+                           **gradient_arrays({**grads, "pixel_values": dx}, f"{mode}.", whole=train)})
+            if train:
+                bn = model.decode_head.batch_norm
+                arrays.update({"train.running_mean": np32(bn.running_mean.float()),
+                               "train.running_var": np32(bn.running_var.float())})
+    meta = gradient_meta("u", config, SEMANTIC, SEED_U_WEIGHTS, state, x, SEED_U_INPUT, labels,
+                         WEIGHT_STATS_FIXTURE, labels_seed=SEED_U_LABELS, samples=N_GRAD_SAMPLES)
+    save("u_b0_ade_gradients_67x93", arrays, meta)
+
+
+N_SAMPLES_V = 256
+SEED_V = {"b1": 5101, "b2": 5102, "b3": 5103, "b4": 5104, "b5": 5105}
+SHAPE_V = (2, 3, 77, 85)  # stages 20 x 22 ... 3 x 3: at least 4 keys after every spatial reduction
+
+
+def case_v_variant_gradients():
+    """b1..b5 (19 labels, dropout 0) in train mode, batch 2 at 77 x 85: loss and sampled gradients."""
+    for name, seed in SEED_V.items():
+        config = variant_config(name, num_labels=19, **NO_DROPOUT)
+        state = random_state_dict(config, SEMANTIC, seed=seed)
+        x = random_pixel_values(seed + 100, SHAPE_V)
+        labels = random_labels(seed + 200, (SHAPE_V[0], *SHAPE_V[2:]), config.num_labels)
+        with hf_model(config, SEMANTIC, state) as model:
+            loss, grads, dx = torch_value_and_grad(model, state, x, labels, train=True)
+        arrays = {"labels": labels.astype(np.uint8), "train.loss": np.float64(loss),
+                  **gradient_arrays({**grads, "pixel_values": dx}, "train.", samples=N_SAMPLES_V)}
+        meta = gradient_meta("v", config, SEMANTIC, seed, state, x, seed + 100, labels, variant=name,
+                             labels_seed=seed + 200, samples=N_SAMPLES_V)
+        save(f"v_{name}_gradients_77x85", arrays, meta)
+
+
+SEED_W_BINARY, SEED_W_CLASSIFICATION = 5201, 5202
+SHAPE_W = (2, 3, 77, 85)
+
+
+def case_w_binary_and_classification_gradients():
+    """num_labels = 1 (HF's BCE, divided by all pixels) in train mode, and the classification head (10 labels) in
+    train mode: loss and sampled gradients, B0 shapes, batch 2 at 77 x 85."""
+    config = variant_config("b0", num_labels=1, **NO_DROPOUT)
+    state = random_state_dict(config, SEMANTIC, seed=SEED_W_BINARY)
+    x = random_pixel_values(SEED_W_BINARY + 100, SHAPE_W)
+    labels = random_labels(SEED_W_BINARY + 200, (SHAPE_W[0], *SHAPE_W[2:]), 1)
+    with hf_model(config, SEMANTIC, state) as model:
+        loss, grads, dx = torch_value_and_grad(model, state, x, labels, train=True)
+    save("w_b0_binary_gradients_77x85", {"labels": labels.astype(np.uint8), "train.loss": np.float64(loss),
+                                         **gradient_arrays({**grads, "pixel_values": dx}, "train.")},
+         gradient_meta("w", config, SEMANTIC, SEED_W_BINARY, state, x, SEED_W_BINARY + 100, labels,
+                       labels_seed=SEED_W_BINARY + 200, samples=N_GRAD_SAMPLES))
+
+    config = variant_config("b0", num_labels=10, architectures=(CLASSIFICATION,), **NO_DROPOUT)
+    state = random_state_dict(config, CLASSIFICATION, seed=SEED_W_CLASSIFICATION)
+    x = random_pixel_values(SEED_W_CLASSIFICATION + 100, SHAPE_W)
+    labels = np.array([3, 7], dtype=np.int64)
+    with hf_model(config, CLASSIFICATION, state) as model:
+        loss, grads, dx = torch_value_and_grad(model, state, x, labels, train=True)
+    save("w_b0_classification_gradients_77x85", {"labels": labels, "train.loss": np.float64(loss),
+                                                  **gradient_arrays({**grads, "pixel_values": dx}, "train.")},
+         gradient_meta("w", config, CLASSIFICATION, SEED_W_CLASSIFICATION, state, x, SEED_W_CLASSIFICATION + 100,
+                       labels, samples=N_GRAD_SAMPLES))
+
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
          "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model,
-         "l": case_l_components}
+         "l": case_l_components, "u": case_u_b0_gradients, "v": case_v_variant_gradients,
+         "w": case_w_binary_and_classification_gradients}
 
 
 def main(argv):

@@ -19,6 +19,7 @@ TINY = SegformerConfig(hidden_sizes=(4, 6, 10, 12), num_attention_heads=(1, 1, 1
                        id2label={i: f"class {i}" for i in range(3)})
 STAGE_SIZES = [(9, 11), (5, 6), (3, 3), (2, 2)]  # odd, uneven downsampling: the bilinear taps overlap and clamp
 BATCH = 2
+TRAIN = layers.Mode(training=True)  # batch statistics; no rng, so no dropout
 BN_STATE = ("running_mean", "running_var", "num_batches_tracked")  # state, not parameters: no gradient
 
 
@@ -72,14 +73,14 @@ def test_all_mlp_decode_head_backward(train):
     rng = np.random.default_rng(20)
     p, stages = tiny_params(), tiny_stages(rng)
     cache = {}
-    logits = decoder.all_mlp_decode_head(stages, p, train=train, cache=cache)
+    logits = decoder.all_mlp_decode_head(stages, p, mode=layers.Mode(training=train), cache=cache)
     assert logits.shape == (BATCH, *STAGE_SIZES[0], TINY.num_labels)
     assert np.abs(cache["normed"]).min() > 1e-4  # no finite difference straddles the ReLU's kink
     g = rng.standard_normal(logits.shape)
     dstages, grads = decoder.all_mlp_decode_head_backward(g, cache, p)
 
     def forward():
-        return decoder.all_mlp_decode_head(stages, p, train=train)
+        return decoder.all_mlp_decode_head(stages, p, mode=layers.Mode(training=train))
 
     # In train mode BatchNorm subtracts each channel's batch mean, so a constant added before it -- the per-stage
     # biases, which the upsampling and the (bias-free) fuse conv pass on as constants -- changes nothing (up to
@@ -92,7 +93,7 @@ def test_all_mlp_decode_head_backward(train):
 
 
 def test_all_mlp_decode_head_train_mode_is_batch_norm_by_hand():
-    """train=True: the fused map normalised per channel by its own mean and biased variance over (B, H, W)."""
+    """mode=TRAIN: the fused map normalised per channel by its own mean and biased variance over (B, H, W)."""
     rng = np.random.default_rng(21)
     p, stages = tiny_params(), tiny_stages(rng)
     cache = {}
@@ -101,7 +102,7 @@ def test_all_mlp_decode_head_train_mode_is_batch_norm_by_hand():
     mean, var = fused.mean(axis=(0, 1, 2)), fused.var(axis=(0, 1, 2))
     normed = (fused - mean) / np.sqrt(var + BATCH_NORM_EPS) * bn["weight"] + bn["bias"]
     expected = np.maximum(normed, 0) @ cls["weight"][:, :, 0, 0].T + cls["bias"]
-    train = decoder.all_mlp_decode_head(stages, p, train=True)
+    train = decoder.all_mlp_decode_head(stages, p, mode=TRAIN)
     assert_close("train-mode logits", train, expected, rtol_of_max=1e-12, dtype=np.float64)
     assert np.abs(train - inference).max() > 0.1 * np.abs(expected).max()  # the running statistics are not used
 
@@ -118,7 +119,7 @@ def test_all_mlp_decode_head_default_is_unchanged(ops):
     fused = ops.relu(ops.batch_norm(fused, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"]))
     before = ops.linear(fused, p["classifier"]["weight"][:, :, 0, 0], p["classifier"]["bias"])
     for out in (decoder.all_mlp_decode_head(stages, p, ops),
-                decoder.all_mlp_decode_head(stages, p, ops, train=False, cache={})):
+                decoder.all_mlp_decode_head(stages, p, ops, mode=layers.EVAL, cache={})):
         assert out.dtype == np.float32 and np.array_equal(out, before)
 
 
@@ -127,12 +128,12 @@ def test_train_mode_backward_needs_the_batch_statistics():
     rng = np.random.default_rng(23)
     p, stages = tiny_params(), tiny_stages(rng)
     cache = {}
-    logits = decoder.all_mlp_decode_head(stages, p, train=True, cache=cache)
+    logits = decoder.all_mlp_decode_head(stages, p, mode=TRAIN, cache=cache)
     g = rng.standard_normal(logits.shape)
     dstages, _ = decoder.all_mlp_decode_head_backward(g, {**cache, "train": False}, p)
     with pytest.raises(AssertionError, match="> tol"):
         check_grads("decode_head d(stage 4), wrong mode",
-                    lambda _: decoder.all_mlp_decode_head(stages, p, train=True), (stages[3],), (dstages[3],), g)
+                    lambda _: decoder.all_mlp_decode_head(stages, p, mode=TRAIN), (stages[3],), (dstages[3],), g)
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
@@ -140,7 +141,7 @@ def test_all_mlp_decode_head_backward_keeps_float32(train):
     rng = np.random.default_rng(24)
     p, stages = tiny_params(dtype=np.float32), tiny_stages(rng, dtype=np.float32)
     cache = {}
-    logits = decoder.all_mlp_decode_head(stages, p, train=train, cache=cache)
+    logits = decoder.all_mlp_decode_head(stages, p, mode=layers.Mode(training=train), cache=cache)
     dstages, grads = decoder.all_mlp_decode_head_backward(rng.standard_normal(logits.shape, np.float32), cache, p)
     for name, grad in {**{f"stage {i}": d for i, d in enumerate(dstages)}, **leaves(grads)}.items():
         assert grad.dtype == np.float32, f"{name}: {grad.dtype}"

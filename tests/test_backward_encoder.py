@@ -265,3 +265,73 @@ def test_a_wrong_softmax_backward_fails_the_attention_check(monkeypatch):
     monkeypatch.setattr(layers, "softmax_backward", lambda dout, probs: dout * probs * (1 - probs))
     with pytest.raises(AssertionError, match="> tol"):
         test_efficient_self_attention_backward(*ATTENTION_CASES[2])
+
+
+# --- train mode: dropout and stochastic depth --------------------------------------------------------------------
+
+def train_mode(seed=7, hidden=0.3, attention=0.3):
+    """A train Mode whose masks are the same at every call: a fresh Generator of the same seed each time, so that
+    finite differences see one fixed function."""
+    return lambda: layers.Mode(training=True, rng=np.random.default_rng(seed), hidden_dropout=hidden,
+                               attention_dropout=attention)
+
+
+def test_efficient_self_attention_backward_with_dropout():
+    rng = np.random.default_rng(30)
+    heads, r, height, width = 2, 2, 5, 7
+    _, p = encoder_params(num_attention_heads=(heads, 2, 1, 2), sr_ratios=(r, 2, 1, 1), hidden_sizes=(4, 8, 8, 8))
+    pa, mode = p["block"][0][0]["attention"], train_mode()
+    x = rng.standard_normal((2, height * width, 4))
+    cache = {}
+    out, dropped = attention.efficient_self_attention(x, height, width, pa, heads, r, cache=cache, mode=mode())
+    keep = cache["probs_dropout"][0]
+    assert 0 < keep.mean() < 1 and 0 < cache["out_dropout"][0].mean() < 1  # both masks drop something
+    np.testing.assert_array_equal(dropped, cache["probs"] * keep * (1 / 0.7))  # HF returns the dropped probabilities
+    g = rng.standard_normal(out.shape)
+    dx, grads = attention.efficient_self_attention_backward(g, cache, height, width, heads, r, pa)
+    check_tree("efficient_self_attention (dropout)",
+               lambda: attention.efficient_self_attention(x, height, width, pa, heads, r, mode=mode())[0],
+               {"x": x, "p": pa}, {"x": dx, "p": grads}, g, rng)
+
+
+def test_mix_ffn_backward_with_dropout():
+    rng = np.random.default_rng(31)
+    _, p = encoder_params()
+    pm, mode = p["block"][0][0]["mlp"], train_mode(hidden=0.4)
+    height, width = 3, 5
+    x = rng.standard_normal((2, height * width, 4))
+    cache = {}
+    out = encoder.mix_ffn(x, height, width, pm, cache=cache, mode=mode())
+    assert 0 < cache["gelu_dropout"][0].mean() < 1 and 0 < cache["out_dropout"][0].mean() < 1
+    g = rng.standard_normal(out.shape)
+    dx, grads = encoder.mix_ffn_backward(g, cache, height, width, pm)
+    check_tree("mix_ffn (dropout)", lambda: encoder.mix_ffn(x, height, width, pm, mode=mode()),
+               {"x": x, "p": pm}, {"x": dx, "p": grads}, g, rng)
+
+
+def test_transformer_block_backward_with_drop_path():
+    """Stochastic depth 0.5 on a batch of 4: the seed drops some samples' branches and keeps others'."""
+    rng = np.random.default_rng(32)
+    _, p = encoder_params(sr_ratios=(2, 2, 1, 1), num_attention_heads=(2, 2, 1, 2))
+    pb, mode = p["block"][0][0], train_mode(seed=3, hidden=0.2, attention=0.1)
+    height, width = 5, 7
+    x = rng.standard_normal((4, height * width, 4))
+    cache = {}
+    out, _ = encoder.transformer_block(x, height, width, pb, 2, 2, cache=cache, mode=mode(), drop_path=0.5)
+    kept = [cache[k][0].reshape(-1) for k in ("attention_drop_path", "mlp_drop_path")]
+    assert all(0 < k.mean() < 1 for k in kept), kept  # both outcomes occur
+    dropped = ~kept[0] & ~kept[1]
+    if dropped.any():  # a sample whose two branches were both dropped passes through unchanged
+        np.testing.assert_array_equal(out[dropped], x[dropped])
+    g = rng.standard_normal(out.shape)
+    dx, grads = encoder.transformer_block_backward(g, cache, height, width, 2, 2, pb)
+    check_tree("transformer_block (drop path)",
+               lambda: encoder.transformer_block(x, height, width, pb, 2, 2, mode=mode(), drop_path=0.5)[0],
+               {"x": x, "p": pb}, {"x": dx, "p": grads}, g, rng)
+
+
+def test_drop_path_rates_rise_linearly_over_the_blocks():
+    config, _ = encoder_params(depths=(2, 2, 3, 1))
+    rates = encoder.drop_path_rates(config, 0.1)
+    assert len(rates) == 8 and rates[0] == 0.0 and rates[-1] == float(np.float32(0.1))
+    np.testing.assert_allclose(np.diff(rates), 0.1 / 7, rtol=1e-6)  # torch.linspace's float32 values

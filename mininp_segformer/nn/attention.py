@@ -8,6 +8,7 @@ Queries keep full resolution; every output token still sees the whole image.
 from __future__ import annotations
 
 from . import layers
+from .layers import EVAL, Mode
 
 
 def child_cache(cache: dict | None, key):
@@ -64,12 +65,13 @@ def merge_heads(x):
 
 
 def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers,
-                             cache: dict | None = None):
+                             cache: dict | None = None, mode: Mode = EVAL):
     """`x: (B, N, C)` -> (output `(B, N, C)`, attention probabilities `(B, heads, N, N_reduced)`).
 
     `p` is the checkpoint's `attention` subtree: `self.{query,key,value,sr,layer_norm}` and `output.dense`; `ops`
     the namespace of the building blocks (`layers`, or the numba `kernels`); `cache` a dict to fill with what
-    `efficient_self_attention_backward` needs.
+    `efficient_self_attention_backward` needs; `mode` train or eval (`layers.Mode`): in train mode dropout acts on
+    the probabilities (which are returned dropped, as HF returns them) and on the output.
     """
     ps = p["self"]
     head_dim = x.shape[-1] // num_heads
@@ -82,11 +84,15 @@ def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int
     # N_reduced / d_head times smaller than the scores it would otherwise multiply.
     scores = (q * x.dtype.type(head_dim**-0.5)) @ k.transpose(0, 1, 3, 2)
     probs = ops.softmax(scores, out=scores)  # in place: the scores are not needed again
-    context = merge_heads(probs @ v)
+    # HF drops whole attended tokens' weights here ("taken from the original Transformer paper")
+    dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)
+    context = merge_heads(dropped @ v)
     out = ops.linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
+    out, out_keep = layers.dropout(out, mode.hidden_dropout, mode.rng)  # SegformerSelfOutput's dropout
     if cache is not None:  # the backward needs the probabilities, not the scores they overwrote
-        cache.update(x=x, kv=kv, q=q, k=k, v=v, probs=probs, context=context)
-    return out, probs
+        cache.update(x=x, kv=kv, q=q, k=k, v=v, probs=probs, context=context,
+                     probs_dropout=(probs_keep, mode.attention_dropout), out_dropout=(out_keep, mode.hidden_dropout))
+    return out, dropped
 
 
 def efficient_self_attention_backward(dout, cache, height: int, width: int, num_heads: int, sr_ratio: int, p: dict):
@@ -96,14 +102,19 @@ def efficient_self_attention_backward(dout, cache, height: int, width: int, num_
     dV = P^T dO, dP = dO V^T, dS = softmax_backward(dP), dQ = s dS K, dK = dS^T (s Q). Keys and values both
     read `kv` (the reduced sequence when R > 1), so their two gradients add before the spatial reduction's backward;
     the queries' gradient adds to x's directly. (The probabilities as an output are for inspection: no gradient.)
+    Train mode's dropout on P: O = D(P) V, so dV = D(P)^T dO and dP = D(dO V^T), D the forward's mask and scale.
     """
     ps = p["self"]
     x, kv, q, k, v, probs = (cache[name] for name in ("x", "kv", "q", "k", "v", "probs"))
     scale = x.dtype.type((x.shape[-1] // num_heads) ** -0.5)
+    dout = layers.dropout_backward(dout, *cache["out_dropout"])
     dcontext, dwo, dbo = layers.linear_backward(dout, cache["context"], p["output"]["dense"]["weight"])
     dcontext = split_heads(dcontext, num_heads)  # (B, heads, N, d_head)
-    dv = probs.transpose(0, 1, 3, 2) @ dcontext
-    dscores = layers.softmax_backward(dcontext @ v.transpose(0, 1, 3, 2), probs)
+    probs_keep, attention_dropout = cache["probs_dropout"]
+    dropped = layers.dropout_backward(probs, probs_keep, attention_dropout)  # D(P) again: the same multiply
+    dv = dropped.transpose(0, 1, 3, 2) @ dcontext
+    dprobs = layers.dropout_backward(dcontext @ v.transpose(0, 1, 3, 2), probs_keep, attention_dropout)
+    dscores = layers.softmax_backward(dprobs, probs)
     dq = (dscores @ k) * scale
     dk = dscores.transpose(0, 1, 3, 2) @ (q * scale)
     grads = {"self": {}, "output": {"dense": {"weight": dwo, "bias": dbo}}}

@@ -8,17 +8,19 @@ import numpy as np
 
 from ..config import BATCH_NORM_EPS
 from . import layers
+from .layers import EVAL, Mode
 
 
-def all_mlp_decode_head(stages, p: dict, ops=layers, train: bool = False, cache: dict | None = None):
+def all_mlp_decode_head(stages, p: dict, ops=layers, mode: Mode = EVAL, cache: dict | None = None):
     """The all-MLP decoder on the four stage maps `(B, H_i, W_i, C_i)` -> logits `(B, H_1, W_1, num_labels)`.
 
     Eq. 4: each F_i is projected to C = decoder_hidden_size by a linear layer, upsampled (bilinear) to H/4 x W/4,
     the four are concatenated -- in reversed order, stage 4 first, as HF and the original code do -- fused by a
     1x1 conv (no bias) + BatchNorm + ReLU, and classified by a 1x1 conv. `p` is the `decode_head` subtree.
 
-    `train`: BatchNorm normalises with the batch's statistics (`layers.batch_norm_train`, the running ones are not
-    updated) instead of the running ones. `cache`: a dict to fill for `all_mlp_decode_head_backward`.
+    `mode`: in train mode (`layers.Mode`) BatchNorm normalises with the batch's statistics
+    (`layers.batch_norm_train`) and updates its running estimates in `p`, as torch's forward does; dropout acts
+    before the classifier. `cache`: a dict to fill for `all_mlp_decode_head_backward`.
     """
     size = stages[0].shape[1:3]
     projected = [ops.linear(f, c["proj"]["weight"], c["proj"]["bias"]) for f, c in zip(stages, p["linear_c"])]
@@ -26,13 +28,15 @@ def all_mlp_decode_head(stages, p: dict, ops=layers, train: bool = False, cache:
     concat = np.concatenate(upsampled[::-1], axis=-1)
     fused = ops.linear(concat, p["linear_fuse"]["weight"][:, :, 0, 0])  # 1x1 conv
     bn = p["batch_norm"]
-    if train:
-        normed = layers.batch_norm_train(fused, bn["weight"], bn["bias"])[0]  # no numba twin: NumPy's
+    if mode.training:
+        normed, mean, var = layers.batch_norm_train(fused, bn["weight"], bn["bias"])  # no numba twin: NumPy's
+        layers.update_running_stats(bn, mean, var, count=fused.size // fused.shape[-1])
     else:
         normed = ops.batch_norm(fused, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"])
-    activated = ops.relu(normed)
+    activated, keep = layers.dropout(ops.relu(normed), mode.classifier_dropout, mode.rng)
     if cache is not None:
-        cache.update(stages=stages, concat=concat, fused=fused, normed=normed, activated=activated, train=train)
+        cache.update(stages=stages, concat=concat, fused=fused, normed=normed, activated=activated,
+                     train=mode.training, dropout=(keep, mode.classifier_dropout))
     return ops.linear(activated, p["classifier"]["weight"][:, :, 0, 0], p["classifier"]["bias"])
 
 
@@ -41,12 +45,12 @@ def all_mlp_decode_head_backward(dlogits, cache: dict, p: dict):
 
     `dstages`: the four `(B, H_i, W_i, C_i)` gradients; `grads`: the `decode_head` subtree's layout, BatchNorm with
     `weight` and `bias` only (its running statistics are state, not parameters). Each step undone in reverse: the
-    classifier, ReLU, BatchNorm (the batch statistics' three-term formula in train mode), the fuse conv, the
+    classifier, dropout, ReLU, BatchNorm (the batch statistics' three-term formula in train mode), the fuse conv, the
     concatenation (split in its reversed stage order), the upsampling (its adjoint) and the per-stage linears.
     """
     classifier, fuse, bn = p["classifier"], p["linear_fuse"], p["batch_norm"]
     dactivated, dw_cls, db_cls = layers.linear_backward(dlogits, cache["activated"], classifier["weight"][:, :, 0, 0])
-    dnormed = layers.relu_backward(dactivated, cache["normed"])
+    dnormed = layers.relu_backward(layers.dropout_backward(dactivated, *cache["dropout"]), cache["normed"])
     if cache["train"]:
         dfused, dgamma, dbeta = layers.batch_norm_train_backward(dnormed, cache["fused"], bn["weight"])
     else:

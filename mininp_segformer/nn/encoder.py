@@ -12,7 +12,7 @@ import numpy as np
 from .attention import child_cache, efficient_self_attention, efficient_self_attention_backward
 from ..config import SegformerConfig
 from . import layers
-from .layers import conv_output_size
+from .layers import EVAL, Mode, conv_output_size
 
 
 # ---- the encoder's geometry: sizes from the config alone
@@ -71,8 +71,9 @@ def overlap_patch_merging_backward(dout, cache, patch_size: int, stride: int, p:
     return dx, {"proj": {"weight": dweight, "bias": dbias}, "layer_norm": {"weight": dln_weight, "bias": dln_bias}}
 
 
-def mix_ffn(x, height: int, width: int, p: dict, ops=layers, cache: dict | None = None):
-    """Mix-FFN (Eq. 3): x_out = MLP(GELU(Conv3x3(MLP(x_in)))) on `x: (B, N, C)`; the residual is added by the block."""
+def mix_ffn(x, height: int, width: int, p: dict, ops=layers, cache: dict | None = None, mode: Mode = EVAL):
+    """Mix-FFN (Eq. 3): x_out = MLP(GELU(Conv3x3(MLP(x_in)))) on `x: (B, N, C)`; the residual is added by the block.
+    In train mode HF's one dropout module acts twice: after the GELU and after the second MLP."""
     b, n, _ = x.shape
     h = ops.linear(x, p["dense1"]["weight"], p["dense1"]["bias"]).reshape(b, height, width, -1)
     dw = p["dwconv"]["dwconv"]
@@ -81,16 +82,23 @@ def mix_ffn(x, height: int, width: int, p: dict, ops=layers, cache: dict | None 
     else:  # the backward needs GELU's input, so the two steps run apart
         conv = ops.depthwise_conv3x3(h, dw["weight"], dw["bias"])
         a = ops.gelu(conv)
-        cache.update(x=x, h=h, conv=conv, gelu=a)
-    return ops.linear(a.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
+    a, gelu_keep = layers.dropout(a, mode.hidden_dropout, mode.rng)
+    out = ops.linear(a.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
+    out, out_keep = layers.dropout(out, mode.hidden_dropout, mode.rng)
+    if cache is not None:
+        cache.update(x=x, h=h, conv=conv, dense2_input=a, gelu_dropout=(gelu_keep, mode.hidden_dropout),
+                     out_dropout=(out_keep, mode.hidden_dropout))
+    return out
 
 
 def mix_ffn_backward(dout, cache, height: int, width: int, p: dict):
     """Gradients of `mix_ffn`: `dout: (B, N, C)` -> (dx `(B, N, C)`, grads of `p`): dense2, GELU, the depthwise
     conv and dense1 backwards, in that order."""
     b, n, _ = dout.shape
-    dgelu, dw2, db2 = layers.linear_backward(dout, cache["gelu"].reshape(b, n, -1), p["dense2"]["weight"])
-    dconv = layers.gelu_backward(dgelu.reshape(b, height, width, -1), cache["conv"])
+    dout = layers.dropout_backward(dout, *cache["out_dropout"])
+    da, dw2, db2 = layers.linear_backward(dout, cache["dense2_input"].reshape(b, n, -1), p["dense2"]["weight"])
+    dgelu = layers.dropout_backward(da.reshape(b, height, width, -1), *cache["gelu_dropout"])
+    dconv = layers.gelu_backward(dgelu, cache["conv"])
     dh, dwdw, dbdw = layers.depthwise_conv3x3_backward(dconv, cache["h"], p["dwconv"]["dwconv"]["weight"])
     dx, dw1, db1 = layers.linear_backward(dh.reshape(b, n, -1), cache["x"], p["dense1"]["weight"])
     return dx, {"dense1": {"weight": dw1, "bias": db1}, "dwconv": {"dwconv": {"weight": dwdw, "bias": dbdw}},
@@ -98,17 +106,23 @@ def mix_ffn_backward(dout, cache, height: int, width: int, p: dict):
 
 
 def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers,
-                      cache: dict | None = None):
-    """One pre-norm block on `x: (B, N, C)`; returns (x, attention probabilities)."""
+                      cache: dict | None = None, mode: Mode = EVAL, drop_path: float = 0.0):
+    """One pre-norm block on `x: (B, N, C)`; returns (x, attention probabilities).
+
+    In train mode each residual branch passes stochastic depth (`layers.drop_path`, this block's rate `drop_path`),
+    drawn anew for each of the two branches, as HF's one DropPath module called twice."""
     ln1, ln2 = p["layer_norm_1"], p["layer_norm_2"]
     attn, probs = efficient_self_attention(ops.layer_norm(x, ln1["weight"], ln1["bias"]), height, width,
-                                           p["attention"], num_heads, sr_ratio, ops, child_cache(cache, "attention"))
+                                           p["attention"], num_heads, sr_ratio, ops, child_cache(cache, "attention"),
+                                           mode)
+    attn, attn_keep = layers.drop_path(attn, drop_path, mode.rng)
     mid = x + attn
-    if cache is not None:  # the two LayerNorms' inputs
-        cache.update(x=x, mid=mid)
-    x = mid + mix_ffn(ops.layer_norm(mid, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops,
-                      child_cache(cache, "mlp"))
-    return x, probs
+    mlp = mix_ffn(ops.layer_norm(mid, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops,
+                  child_cache(cache, "mlp"), mode)
+    mlp, mlp_keep = layers.drop_path(mlp, drop_path, mode.rng)
+    if cache is not None:  # the two LayerNorms' inputs, the two branches' masks
+        cache.update(x=x, mid=mid, attention_drop_path=(attn_keep, drop_path), mlp_drop_path=(mlp_keep, drop_path))
+    return mid + mlp, probs
 
 
 def transformer_block_backward(dout, cache, height: int, width: int, num_heads: int, sr_ratio: int, p: dict):
@@ -118,10 +132,12 @@ def transformer_block_backward(dout, cache, height: int, width: int, num_heads: 
     and out = mid + mlp(LN2 mid), d mid = d out + LN2'(mlp'(d out)), then dx = d mid + LN1'(attn'(d mid)).
     """
     ln1, ln2 = p["layer_norm_1"], p["layer_norm_2"]
-    dnorm2, mlp_grads = mix_ffn_backward(dout, cache["mlp"], height, width, p["mlp"])
+    dmlp = layers.dropout_backward(dout, *cache["mlp_drop_path"])
+    dnorm2, mlp_grads = mix_ffn_backward(dmlp, cache["mlp"], height, width, p["mlp"])
     dmid, dln2_weight, dln2_bias = layers.layer_norm_backward(dnorm2, cache["mid"], ln2["weight"])
     dmid += dout
-    dnorm1, attn_grads = efficient_self_attention_backward(dmid, cache["attention"], height, width, num_heads,
+    dattn = layers.dropout_backward(dmid, *cache["attention_drop_path"])
+    dnorm1, attn_grads = efficient_self_attention_backward(dattn, cache["attention"], height, width, num_heads,
                                                            sr_ratio, p["attention"])
     dx, dln1_weight, dln1_bias = layers.layer_norm_backward(dnorm1, cache["x"], ln1["weight"])
     dx += dmid
@@ -129,17 +145,25 @@ def transformer_block_backward(dout, cache, height: int, width: int, num_heads: 
                 "layer_norm_2": {"weight": dln2_weight, "bias": dln2_bias}, "mlp": mlp_grads}
 
 
+def drop_path_rates(config: SegformerConfig, rate: float) -> list[float]:
+    """Stochastic depth per block, stage-major: rising linearly from 0 at the first block to `rate` at the last
+    (HF: `torch.linspace(0, drop_path_rate, sum(depths))`, float32 values)."""
+    return [float(r) for r in np.linspace(0, rate, sum(config.depths), dtype=np.float32)]
+
+
 def mix_transformer(pixel_values, p: dict, config: SegformerConfig, output_attentions: bool = False, ops=layers,
-                    cache: dict | None = None):
+                    cache: dict | None = None, mode: Mode = EVAL):
     """The MiT encoder on channels-last `pixel_values: (B, H, W, C)`.
 
     `p` is the checkpoint's `encoder` subtree. Returns (the four stage maps `(B, H_i, W_i, C_i)`, the attention
     probabilities of every block in stage-major order -- an empty list unless `output_attentions`). `cache`: a
     dict to fill with what `mix_transformer_backward` needs, keyed `("patch_embeddings", stage)`,
-    `("block", stage, i)` and `("layer_norm", stage)` (that LayerNorm's input).
+    `("block", stage, i)` and `("layer_norm", stage)` (that LayerNorm's input). `mode`: train or eval
+    (`layers.Mode`); in train mode block k's residual branches see stochastic depth `drop_path_rates(...)[k]`.
     """
     x = pixel_values
     stages, attentions = [], []
+    rates = iter(drop_path_rates(config, mode.drop_path_rate if mode.training else 0.0))
     if cache is not None:
         cache["input_shape"] = x.shape
     for s in range(config.num_encoder_blocks):
@@ -149,7 +173,7 @@ def mix_transformer(pixel_values, p: dict, config: SegformerConfig, output_atten
         x = x.reshape(b, height * width, c)  # map -> tokens: the same memory
         for i, block in enumerate(p["block"][s]):
             x, probs = transformer_block(x, height, width, block, config.num_attention_heads[s], config.sr_ratios[s],
-                                         ops, child_cache(cache, ("block", s, i)))
+                                         ops, child_cache(cache, ("block", s, i)), mode, next(rates))
             if output_attentions:  # else let them go: at stage 1 of B0@512 each is 16 MB
                 attentions.append(probs)
         if cache is not None:

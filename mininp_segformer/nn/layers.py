@@ -11,9 +11,11 @@ runs, or float64 (for gradient checks and for measuring float32's own rounding).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..config import BATCH_NORM_EPS, LAYER_NORM_EPS
+from ..config import BATCH_NORM_EPS, BATCH_NORM_MOMENTUM, LAYER_NORM_EPS
 
 
 def linear(x, weight, bias=None):
@@ -223,8 +225,7 @@ def batch_norm_train(x, weight, bias, eps=BATCH_NORM_EPS):
     """nn.BatchNorm2d in train mode, channels-last `x: (..., C)` -> (out, mean, var), each `(C,)` statistic taken
     over all axes but the last; `var` is the biased one, which is what normalises, as torch.
 
-    torch then updates its running estimates, which this does not do yet: running = 0.9 running + 0.1 batch
-    (momentum 0.1), with the *unbiased* variance var * n / (n - 1), n = the count per channel.
+    torch then updates its running estimates from these: `update_running_stats`.
     """
     mean, var = moments(x, tuple(range(x.ndim - 1)))
     mean, var = mean.reshape(-1), var.reshape(-1)
@@ -235,6 +236,64 @@ def batch_norm_train_backward(dout, x, weight, eps=BATCH_NORM_EPS):
     """Gradients of `batch_norm_train`'s `out` -> (dx, dweight, dbias): layer norm's three-term formula with the
     means taken over all axes but the channels (the batch statistics depend on every x of their channel)."""
     return normalize_backward(dout, x, weight, eps, axis=tuple(range(x.ndim - 1)))
+
+
+def update_running_stats(bn: dict, mean, var, count: int, momentum=BATCH_NORM_MOMENTUM):
+    """What a train-mode forward of nn.BatchNorm2d does to its buffers, in place on `bn` (a `batch_norm` subtree):
+    running = (1 - momentum) running + momentum batch, with the *unbiased* variance var * n / (n - 1) although the
+    biased one normalised (torch's rule); n = `count`, the values per channel. num_batches_tracked, if present,
+    counts the batches (torch's bookkeeping: with a set momentum nothing reads it)."""
+    for name, batch in (("running_mean", mean), ("running_var", var * (count / (count - 1)))):
+        bn[name] *= 1 - momentum
+        bn[name] += momentum * batch.astype(bn[name].dtype, copy=False)
+    if "num_batches_tracked" in bn:
+        bn["num_batches_tracked"] = bn["num_batches_tracked"] + 1
+
+
+# ---- train mode: dropout and stochastic depth
+
+@dataclass(frozen=True)
+class Mode:
+    """torch's `module.training` and what train mode draws from: passed down to every component that behaves
+    differently in training. `EVAL` (the default everywhere) is inference: no dropout, BatchNorm on its running
+    statistics. The probabilities are the config's; `rng` is the seedable NumPy Generator every mask comes from."""
+
+    training: bool = False
+    rng: np.random.Generator | None = None
+    hidden_dropout: float = 0.0  # hidden_dropout_prob: the attention's output dense, twice in the Mix-FFN
+    attention_dropout: float = 0.0  # attention_probs_dropout_prob: on the attention probabilities
+    classifier_dropout: float = 0.0  # classifier_dropout_prob: the decode head, before its classifier
+    drop_path_rate: float = 0.0  # the last block's stochastic depth; block k gets linspace(0, rate, blocks)[k]
+
+
+EVAL = Mode()
+
+
+def dropout(x, p: float, rng, shape=None):
+    """nn.Dropout in train mode ("inverted" dropout) -> (out, keep): each element is zeroed with probability p and
+    the survivors are scaled by 1 / (1 - p), so E[out] = x and nothing needs rescaling at inference.
+
+    `keep`: the boolean mask drawn, of `shape` (default x's; a shape that broadcasts against x drops whole slices),
+    None when nothing is drawn: p = 0, or no `rng` (eval mode), where out is x itself.
+    """
+    if rng is None or p == 0:
+        return x, None
+    keep = rng.random(x.shape if shape is None else shape, dtype=np.float32) >= p
+    return x * keep * x.dtype.type(0 if p >= 1 else 1 / (1 - p)), keep
+
+
+def dropout_backward(dout, keep, p: float):
+    """Gradient of `dropout` (and of `drop_path`): the same mask and scale, `dout * keep / (1 - p)`."""
+    return dout if keep is None else dout * keep * dout.dtype.type(0 if p >= 1 else 1 / (1 - p))
+
+
+def drop_path(x, p: float, rng):
+    """Stochastic depth (HF's `drop_path`) on a residual branch `x: (B, ...)` -> (out, keep `(B, 1, ...)`): per
+    sample, the whole branch is dropped with probability p or kept and scaled by 1 / (1 - p).
+
+    HF draws keep = floor((1 - p) + U[0, 1)), which is 1 exactly when U >= p: `dropout` with one draw per sample.
+    """
+    return dropout(x, p, rng, shape=(x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def relu(x):

@@ -58,6 +58,21 @@ def _check_class_ids(labels, num_classes: int, ignore_index: int, what: str):
     return valid
 
 
+def check_segmentation_labels(labels, batch: int, num_labels: int, ignore_index=SEMANTIC_IGNORE_INDEX):
+    """`semantic_segmentation_loss`'s checks of `labels: (B, H, W)` on their own (a model runs them before its
+    forward, which in train mode changes BatchNorm's running statistics) -> the mask of labelled pixels."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3 or labels.shape[0] != batch or labels.size == 0:
+        raise LabelError(f"labels must be a non-empty (B, H, W) with B = {batch} as the logits, got shape "
+                         f"{labels.shape}")
+    binary = num_labels == 1
+    valid = _check_class_ids(labels, 2 if binary else num_labels, ignore_index, "labels")
+    if not binary and not valid.any():
+        raise LabelError(f"no labelled pixel: every label is the ignore index {ignore_index}, so the mean "
+                         "cross-entropy is 0 / 0 (torch returns NaN)")
+    return valid
+
+
 def semantic_segmentation_loss(logits, labels, ignore_index=SEMANTIC_IGNORE_INDEX, band_rows=BAND_ROWS):
     """HF's segmentation loss and its gradient: `logits: (B, C, h, w)`, `labels: (B, H, W)` int -> (loss, dlogits).
 
@@ -76,15 +91,9 @@ def semantic_segmentation_loss(logits, labels, ignore_index=SEMANTIC_IGNORE_INDE
     if logits.ndim != 4 or logits.shape[1] < 1:
         raise LabelError(f"logits must be (B, C, h, w) with C >= 1, got shape {logits.shape}")
     b, c = logits.shape[:2]
-    if labels.ndim != 3 or labels.shape[0] != b or labels.size == 0:
-        raise LabelError(f"labels must be a non-empty (B, H, W) with B = {b} as the logits, got shape {labels.shape}")
+    valid = check_segmentation_labels(labels, b, c, ignore_index)
     binary = c == 1
-    valid = _check_class_ids(labels, 2 if binary else c, ignore_index, "labels")
-    n_valid = int(valid.sum())
-    if n_valid == 0 and not binary:
-        raise LabelError(f"no labelled pixel: every label is the ignore index {ignore_index}, so the mean "
-                         "cross-entropy is 0 / 0 (torch returns NaN)")
-    denominator = labels.size if binary else n_valid  # HF's binary quirk: mean over all pixels
+    denominator = labels.size if binary else int(valid.sum())  # HF's binary quirk: mean over all pixels
 
     size = labels.shape[1:]
     h, w = logits.shape[2:]
@@ -120,6 +129,31 @@ def infer_problem_type(num_labels: int, labels) -> str:
     return "multi_label_classification"
 
 
+def check_classification_labels(labels, batch: int, num_labels: int, problem_type=None):
+    """`classification_loss`'s checks of `labels` for `(batch, num_labels)` logits on their own -> (problem_type,
+    the labels as the loss reads them: (B,) class ids, or real-valued targets of the logits' shape)."""
+    labels = np.asarray(labels)
+    problem_type = infer_problem_type(num_labels, labels) if problem_type is None else problem_type
+    if problem_type not in PROBLEM_TYPES:
+        raise ConfigError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
+    if problem_type == "single_label_classification":
+        if labels.size != batch or labels.ndim > 2:
+            raise LabelError(f"single-label classification needs labels of shape ({batch},), got {labels.shape}")
+        labels = labels.reshape(-1)  # HF: labels.view(-1)
+        if not _check_class_ids(labels, num_labels, TORCH_IGNORE_INDEX, "labels").any():
+            raise LabelError(f"no labelled sample: every label is the ignore index {TORCH_IGNORE_INDEX}, so the "
+                             "mean cross-entropy is 0 / 0 (torch returns NaN)")
+        return problem_type, labels
+    if labels.dtype.kind not in "biuf":  # bool (multi-hot), integer or float
+        raise LabelError(f"{problem_type} needs real-valued labels, got dtype {labels.dtype}")
+    squeeze = problem_type == "regression" and num_labels == 1  # HF squeezes both sides: (B,) or (B, 1) fit
+    shape = tuple(n for n in (batch, num_labels) if n != 1) if squeeze else (batch, num_labels)
+    if (labels.squeeze() if squeeze else labels).shape != shape:
+        raise LabelError(f"{problem_type} needs labels of shape {shape} (after HF's squeeze for one label), "
+                         f"got {labels.shape}")
+    return problem_type, labels
+
+
 def classification_loss(logits, labels, problem_type=None):
     """HF's image-classification loss and its gradient: `logits: (B, num_labels)` -> (loss, dlogits).
 
@@ -131,33 +165,19 @@ def classification_loss(logits, labels, problem_type=None):
     - "multi_label_classification": BCE-with-logits of float `labels: (B, num_labels)` targets, mean over elements.
     `dlogits` has the logits' shape and dtype.
     """
-    logits, labels = np.asarray(logits), np.asarray(labels)
+    logits = np.asarray(logits)
     if logits.ndim != 2:
         raise LabelError(f"logits must be (B, num_labels), got shape {logits.shape}")
     b, num_labels = logits.shape
-    problem_type = infer_problem_type(num_labels, labels) if problem_type is None else problem_type
-    if problem_type not in PROBLEM_TYPES:
-        raise ConfigError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
+    problem_type, labels = check_classification_labels(labels, b, num_labels, problem_type)
     if problem_type == "single_label_classification":
-        if labels.size != b or labels.ndim > 2:
-            raise LabelError(f"single-label classification needs labels of shape ({b},), got {labels.shape}")
-        labels = labels.reshape(-1)  # HF: labels.view(-1)
-        valid = _check_class_ids(labels, num_labels, TORCH_IGNORE_INDEX, "labels")
+        valid = labels != TORCH_IGNORE_INDEX
         n_valid = int(valid.sum())
-        if n_valid == 0:
-            raise LabelError(f"no labelled sample: every label is the ignore index {TORCH_IGNORE_INDEX}, so the "
-                             "mean cross-entropy is 0 / 0 (torch returns NaN)")
         loss, dz = cross_entropy_sum(logits, labels, valid)
         return logits.dtype.type(loss / n_valid), dz / logits.dtype.type(n_valid)
-
-    if labels.dtype.kind not in "biuf":  # bool (multi-hot), integer or float
-        raise LabelError(f"{problem_type} needs real-valued labels, got dtype {labels.dtype}")
     labels = labels.astype(logits.dtype)
-    z = logits.squeeze() if problem_type == "regression" and num_labels == 1 else logits
-    y = labels.squeeze() if problem_type == "regression" and num_labels == 1 else labels
-    if y.shape != z.shape:
-        raise LabelError(f"{problem_type} needs labels of shape {z.shape} (after HF's squeeze for one label), "
-                         f"got {labels.shape}")
+    squeeze = problem_type == "regression" and num_labels == 1
+    z, y = (logits.squeeze(), labels.squeeze()) if squeeze else (logits, labels)
     if problem_type == "regression":
         loss, dz = (z - y) ** 2, 2 * (z - y)
     else:
