@@ -349,12 +349,13 @@ def resize_bilinear(x, size, axes=(-2, -1)):
 
 def _taps_backward(dout, i0, i1, t, one_minus_t, size_in: int):
     """The adjoint of `y[i] = x[i0[i]] (1 - t[i]) + x[i1[i]] t[i]` along axis 0: `dout: (size_out, ...)` ->
-    `dx: (size_in, ...)`, each output's gradient scattered back onto its two source rows (`np.add.at` sums repeats)."""
-    shape = (-1,) + (1,) * (dout.ndim - 1)
-    dx = np.zeros((size_in,) + dout.shape[1:], dtype=dout.dtype)
-    np.add.at(dx, i0, dout * one_minus_t.astype(dout.dtype).reshape(shape))
-    np.add.at(dx, i1, dout * t.astype(dout.dtype).reshape(shape))
-    return dx
+    `dx: (size_in, ...)`. The taps are a (size_out, size_in) matrix R with two entries a row (summed where i0 = i1
+    at the border), so dx = R^T dout: one BLAS product, not a scatter of every element."""
+    rows = np.arange(len(i0))
+    r = np.zeros((len(i0), size_in), dtype=dout.dtype)
+    np.add.at(r, (rows, i0), one_minus_t.astype(dout.dtype))  # small: R itself, not the gradient
+    np.add.at(r, (rows, i1), t.astype(dout.dtype))
+    return (r.T @ dout.reshape(len(i0), -1)).reshape((size_in,) + dout.shape[1:])
 
 
 def _resize_axis_backward(dout, axis: int, size_in: int):
