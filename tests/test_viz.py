@@ -178,3 +178,12 @@ def test_plot_segmentation():
     plt.close(fig)
     with pytest.raises(ValueError, match="label map is"):
         viz.plot_segmentation(img, seg[:10], names)
+
+
+def test_plot_segmentation_bad_ground_truth():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    img, seg = np.zeros((20, 30, 3), dtype=np.uint8), np.zeros((20, 30), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"ground truth is 30 x 20 but the prediction is 20 x 30"):
+        viz.plot_segmentation(img, seg, {0: "background"}, labels=seg.T)

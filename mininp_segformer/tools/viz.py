@@ -267,33 +267,39 @@ def plot_segmentation(image, seg, id2label: dict, palette=None, labels=None, alp
         raise ImportError("plot_segmentation needs matplotlib: pip install matplotlib (or "
                           "mininp_segformer[notebooks])") from None
     rgb, seg = load_image(image), _check_label_map(seg)
-    n = max(_num_ids(seg), len(id2label), _num_ids(_check_label_map(labels)) if labels is not None else 1)
+    if labels is not None:
+        labels = _check_label_map(labels)
+        if labels.shape != seg.shape:
+            raise ValueError(f"the ground truth is {labels.shape[0]} x {labels.shape[1]} but the prediction is "
+                             f"{seg.shape[0]} x {seg.shape[1]}; both must have the image's size")
+    n = max(_num_ids(seg), len(id2label), _num_ids(labels) if labels is not None else 1)
     colours = as_palette(palette, n)
     if outline_width is None:
         outline_width = max(1, round(max(seg.shape) / 100))
     panels = [("image", rgb)]
     if labels is not None:
-        panels.append(("ground truth", colours[_check_label_map(labels)]))
+        panels.append(("ground truth", colours[labels]))
     panels += [("prediction", colours[seg]),
                (f"overlay (alpha {alpha:g}), outlined", overlay(rgb, seg, alpha, colours, outline_width))]
-    h, w = rgb.shape[:2]
-    panel_w = width / len(panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, panel_w * h / w + 0.8), squeeze=False)
-    for ax, (name, picture) in zip(axes[0], panels):
-        ax.imshow(picture, interpolation="nearest")
-        ax.set_title(name)
-        ax.axis("off")
     shares = {e.id: e.share for e in legend(seg, id2label, colours)}
     shown = sorted(set(shares) | (set(np.unique(labels).tolist()) if labels is not None else set()))
     handles = [Patch(facecolor=colours[i] / 255, edgecolor="black", linewidth=0.5,
                      label=f"{str(id2label.get(i, f'class {i}')).strip()} {shares.get(i, 0.0):.1%}") for i in shown]
+    legend_rows = -(-len(handles) // 6)
+    top, bottom = (0.55 if title else 0.3), 0.35 + 0.22 * legend_rows  # inches for the titles, for the legend
+    h, w = rgb.shape[:2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, width / len(panels) * h / w + top + bottom),
+                             squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False,
                title="predicted share of the pixels", title_fontsize="small")
     if title:
         fig.suptitle(title)
-    rows = (len(handles) + 5) // 6
-    fig.subplots_adjust(left=0.005, right=0.995, top=1 - (0.55 if title else 0.3) / fig.get_figheight(),
-                        bottom=(0.35 + 0.22 * rows) / fig.get_figheight(), wspace=0.04)
+    fig.subplots_adjust(left=0.005, right=0.995, top=1 - top / fig.get_figheight(),
+                        bottom=bottom / fig.get_figheight(), wspace=0.04)
     return fig
 
 
