@@ -124,3 +124,66 @@ def test_save_atomically_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
         viz.save_atomically(viz.colorize(np.ones((2, 2), dtype=np.int64)), target)
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.png"]  # no temporary file left behind
+
+
+def test_outline_marks_both_sides_of_each_boundary():
+    seg = np.zeros((5, 6), dtype=np.int64)
+    seg[:, 3:] = 2  # a vertical boundary between columns 2 and 3
+    rim = viz.outline(seg)
+    assert rim.dtype == bool and rim.shape == seg.shape
+    assert rim[:, 2:4].all() and not rim[:, [0, 1, 4, 5]].any()
+    wide = viz.outline(seg, width=2)
+    assert wide[:, 1:5].all() and not wide[:, [0, 5]].any()
+    assert not viz.outline(seg, width=0).any()
+    assert not viz.outline(np.ones((3, 3), dtype=np.int64), width=3).any()  # one class: no boundary
+    with pytest.raises(ValueError, match="outline width"):
+        viz.outline(seg, width=-1)
+
+
+def test_overlay_outline_keeps_the_class_colours_true():
+    img = np.full((6, 6, 3), 200, dtype=np.uint8)
+    seg = np.zeros((6, 6), dtype=np.int64)
+    seg[2:4, 2:4] = 1
+    palette = np.array([[0, 255, 0], [255, 0, 255]], dtype=np.uint8)
+    out = viz.overlay(img, seg, alpha=0.5, palette=palette, outline_width=1)
+    rim = viz.outline(seg, 1)
+    np.testing.assert_array_equal(out[rim], palette[seg[rim]])  # unblended on the rims
+    np.testing.assert_array_equal(out[~rim], viz.overlay(img, seg, alpha=0.5, palette=palette)[~rim])
+    assert out[2, 2].tolist() == [255, 0, 255] and out[0, 0].tolist() == [100, 228, 100]
+
+
+def test_plot_segmentation():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = np.zeros((20, 30, 3), dtype=np.uint8)
+    seg = np.zeros((20, 30), dtype=np.int64)
+    seg[5:15, 5:20] = 2
+    labels = seg.copy()
+    labels[0, 0] = 1  # a class only in the ground truth is still explained by the legend
+    names = {0: "background", 1: "circle", 2: "square"}
+    fig = viz.plot_segmentation(img, seg, names, labels=labels, title="t")
+    assert [ax.get_title() for ax in fig.axes] == ["image", "ground truth", "prediction",
+                                                    "overlay (alpha 0.5), outlined"]
+    assert fig.get_figwidth() == viz.COLUMN_INCHES
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert texts == ["background 75.0%", "circle 0.0%", "square 25.0%"]
+    shown = fig.axes[3].images[0].get_array()
+    np.testing.assert_array_equal(shown, viz.overlay(img, seg, 0.5, viz.palette_for(3), outline_width=1))
+    plt.close(fig)
+    fig = viz.plot_segmentation(img, seg, names)
+    assert [ax.get_title() for ax in fig.axes][:2] == ["image", "prediction"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="label map is"):
+        viz.plot_segmentation(img, seg[:10], names)
+
+
+def test_plot_segmentation_bad_ground_truth():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    img, seg = np.zeros((20, 30, 3), dtype=np.uint8), np.zeros((20, 30), dtype=np.int64)
+    with pytest.raises(ValueError, match=r"ground truth is 30 x 20 but the prediction is 20 x 30"):
+        viz.plot_segmentation(img, seg, {0: "background"}, labels=seg.T)

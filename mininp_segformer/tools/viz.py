@@ -5,9 +5,11 @@
     viz.colorize(seg, palette).save("seg.png")           # a mode "P" PNG: the pixel values are the class ids
     rgb = viz.overlay("photo.jpg", seg, alpha=0.5, palette=palette)   # (H, W, 3) uint8
     viz.legend(seg, model.id2label, palette)             # [(id, name, share, colour), ...] largest share first
+    viz.plot_segmentation(photo, seg, model.id2label)    # image | prediction | overlay, with a legend (matplotlib)
 
 The ADE20K and Cityscapes palettes and class names are in `data/palettes.json` (mmsegmentation's colours, copied
-with their sources named). Only NumPy and Pillow are needed; `plot_legend` imports matplotlib when called.
+with their sources named). Only NumPy and Pillow are needed; `plot_legend` and `plot_segmentation` import
+matplotlib when called.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from ..preprocessing import load_image
 PALETTES_JSON = Path(__file__).resolve().parent.parent / "data" / "palettes.json"
 PALETTE_ALIASES = {"ade": "ade20k", "ade20k": "ade20k", "cityscapes": "cityscapes", "city": "cityscapes"}
 OVERLAY_BAND_ROWS = 512  # rows blended at a time, so a 6000 x 4000 overlay needs no float copy of the photo
+# Figures for the documentation site: its content column is ~830 px wide, so a 7.5-inch figure at 110 dpi fills it
+# at its own size and a 9-point label stays ~14 px high (at 72 dpi and 13 inches wide it was shrunk to 8 px).
+SITE_DPI = 110
+COLUMN_INCHES = 7.5
+NOTEBOOK_RC = {"figure.dpi": SITE_DPI, "figure.figsize": (COLUMN_INCHES, 3.0), "font.size": 9,
+               "axes.titlesize": 9, "axes.labelsize": 9, "legend.fontsize": 8, "figure.titlesize": 10}
 
 
 @functools.lru_cache(maxsize=1)
@@ -141,10 +149,38 @@ def colorize(seg, palette=None) -> Image.Image:
     return img
 
 
-def overlay(image, seg, alpha: float = 0.5, palette=None) -> np.ndarray:
+def outline(seg, width: int = 1) -> np.ndarray:
+    """`(H, W)` bool: the pixels within `width` pixels (steps left, right, up or down) of a pixel of another class.
+
+    Both sides of every class boundary are marked, so each region gets a rim `width` pixels wide in its own colour.
+    """
+    seg = _check_label_map(seg)
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 0:
+        raise ValueError(f"outline width is a number of pixels >= 0, got {width!r}")
+    edge = np.zeros(seg.shape, dtype=bool)
+    if width == 0:
+        return edge
+    across_rows, across_cols = seg[1:] != seg[:-1], seg[:, 1:] != seg[:, :-1]
+    edge[1:] |= across_rows
+    edge[:-1] |= across_rows
+    edge[:, 1:] |= across_cols
+    edge[:, :-1] |= across_cols
+    for _ in range(int(width) - 1):  # grow by one pixel in the four directions
+        grown = edge.copy()
+        grown[1:] |= edge[:-1]
+        grown[:-1] |= edge[1:]
+        grown[:, 1:] |= edge[:, :-1]
+        grown[:, :-1] |= edge[:, 1:]
+        edge = grown
+    return edge
+
+
+def overlay(image, seg, alpha: float = 0.5, palette=None, outline_width: int = 0) -> np.ndarray:
     """Blend the class colours over the photo: `(1 - alpha) * image + alpha * palette[seg]`, `(H, W, 3)` uint8.
 
-    `image`: a path, PIL image or `(H, W, 3)` array; `seg: (H, W)` must have the image's size.
+    `image`: a path, PIL image or `(H, W, 3)` array; `seg: (H, W)` must have the image's size. `outline_width > 0`
+    paints the pixels within that distance of a class boundary (see `outline`) in their class's own colour,
+    unblended: a blend shifts the colours (magenta over green reads as grey), the rims keep them true.
     """
     rgb = load_image(image)
     seg = _check_label_map(seg)
@@ -161,6 +197,9 @@ def overlay(image, seg, alpha: float = 0.5, palette=None) -> np.ndarray:
         rows = slice(start, start + OVERLAY_BAND_ROWS)
         blend = (1 - a) * rgb[rows].astype(np.float32) + a * colours[seg[rows]]
         out[rows] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
+    if outline_width:
+        rim = outline(seg, outline_width)
+        out[rim] = colours[seg[rim]].astype(np.uint8)
     return out
 
 
@@ -209,6 +248,58 @@ def plot_legend(seg, id2label: dict, palette=None, max_entries: int = 20, ax=Non
     ax.set_xlim(0, 100)
     if own_figure:  # a caller's figure keeps the layout its caller chose
         fig.tight_layout()
+    return fig
+
+
+def plot_segmentation(image, seg, id2label: dict, palette=None, labels=None, alpha: float = 0.5,
+                      outline_width: int | None = None, title: str = "", width: float = COLUMN_INCHES):
+    """A matplotlib figure: the image | the ground truth `labels` (if given) | the prediction `seg` | the overlay
+    (`overlay` with class outlines), and below them a legend of the classes shown, with their share of `seg`.
+
+    `image`: a path, PIL image or `(H, W, 3)` array; `seg` and `labels`: `(H, W)` class ids. `outline_width`:
+    the rim in pixels, default about 1 % of the image's longer side. `width`: the figure's width in inches (the
+    default fills the documentation's column at `SITE_DPI`). Needs matplotlib; returns the Figure.
+    """
+    try:
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+    except ImportError:
+        raise ImportError("plot_segmentation needs matplotlib: pip install matplotlib (or "
+                          "mininp_segformer[notebooks])") from None
+    rgb, seg = load_image(image), _check_label_map(seg)
+    if labels is not None:
+        labels = _check_label_map(labels)
+        if labels.shape != seg.shape:
+            raise ValueError(f"the ground truth is {labels.shape[0]} x {labels.shape[1]} but the prediction is "
+                             f"{seg.shape[0]} x {seg.shape[1]}; both must have the image's size")
+    n = max(_num_ids(seg), len(id2label), _num_ids(labels) if labels is not None else 1)
+    colours = as_palette(palette, n)
+    if outline_width is None:
+        outline_width = max(1, round(max(seg.shape) / 100))
+    panels = [("image", rgb)]
+    if labels is not None:
+        panels.append(("ground truth", colours[labels]))
+    panels += [("prediction", colours[seg]),
+               (f"overlay (alpha {alpha:g}), outlined", overlay(rgb, seg, alpha, colours, outline_width))]
+    shares = {e.id: e.share for e in legend(seg, id2label, colours)}
+    shown = sorted(set(shares) | (set(np.unique(labels).tolist()) if labels is not None else set()))
+    handles = [Patch(facecolor=colours[i] / 255, edgecolor="black", linewidth=0.5,
+                     label=f"{str(id2label.get(i, f'class {i}')).strip()} {shares.get(i, 0.0):.1%}") for i in shown]
+    legend_rows = -(-len(handles) // 6)
+    top, bottom = (0.55 if title else 0.3), 0.35 + 0.22 * legend_rows  # inches for the titles, for the legend
+    h, w = rgb.shape[:2]
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, width / len(panels) * h / w + top + bottom),
+                             squeeze=False)
+    for ax, (name, picture) in zip(axes[0], panels):
+        ax.imshow(picture, interpolation="nearest")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False,
+               title="predicted share of the pixels", title_fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(left=0.005, right=0.995, top=1 - top / fig.get_figheight(),
+                        bottom=bottom / fig.get_figheight(), wspace=0.04)
     return fig
 
 
