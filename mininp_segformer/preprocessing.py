@@ -198,8 +198,9 @@ def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, segme
         raise ImageError("no images given")
     h, w = _as_size(size)
     # bytes per pixel: 2 x 12 per image (3 float32 channels, in the list and in the stack) + one image's float64
-    # rescale in `normalize` (2 x 24)
-    check_memory((24 * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
+    # rescale in `normalize` (2 x 24); with segmentation maps, 2 x 8 more per image (int64 labels, list and stack)
+    per_image = 24 if segmentation_maps is None else 40
+    check_memory((per_image * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
                  "choose a smaller size")
     rgbs = [load_image(image) for image in images]
     pixel_values = np.stack([normalize(resize_image(rgb, (h, w)), mean, std) for rgb in rgbs])

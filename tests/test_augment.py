@@ -247,4 +247,4 @@ def test_batches_without_augmentation_are_the_processor(tiny_dataset):
 def test_bad_batch_settings(tiny_dataset, kwargs, message):
     args = dict(batch_size=2, seed=0, crop=32) | kwargs
     with pytest.raises(SegformerError, match=message):
-        next(batches(tiny_dataset, **args))
+        batches(tiny_dataset, **args)  # at once, not at the first batch
