@@ -117,21 +117,25 @@ def pad(image, mask, size, pad_val=0, seg_pad_val=IGNORE_INDEX):
 # Colour: PhotoMetricDistortion and OpenCV's 8-bit HSV
 
 
+_HSV_SHIFT = 12  # OpenCV's fixed point: 12 fractional bits
+_DIVISORS = np.maximum(np.arange(256), 1).astype(np.float64)
+# its rounded division tables, indexed by v and by max - min (0 at 0)
+_SDIV = np.where(np.arange(256) > 0, np.rint((255 << _HSV_SHIFT) / _DIVISORS), 0).astype(np.int64)
+_HDIV = np.where(np.arange(256) > 0, np.rint((180 << _HSV_SHIFT) / (6.0 * _DIVISORS)), 0).astype(np.int64)
+
+
 def rgb_to_hsv(rgb: np.ndarray) -> np.ndarray:
     """`(..., 3)` uint8 RGB -> uint8 HSV as OpenCV's COLOR_RGB2HSV: H in 0..179 (2 degrees a unit), S and V 0..255.
 
     OpenCV's fixed-point arithmetic (12 fractional bits, its rounded division tables), in NumPy.
     """
-    c = rgb.astype(np.int64)
-    r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    v = c.max(axis=-1)
-    diff = v - c.min(axis=-1)
-    shift = 12
-    sdiv = np.rint(np.divide(255 << shift, v, out=np.zeros(v.shape), where=v > 0)).astype(np.int64)
-    hdiv = np.rint(np.divide(180 << shift, 6.0 * diff, out=np.zeros(v.shape), where=diff > 0)).astype(np.int64)
-    s = (diff * sdiv + (1 << (shift - 1))) >> shift
+    r, g, b = (rgb[..., i].astype(np.int32) for i in range(3))
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
     h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
-    h = (h * hdiv + (1 << (shift - 1))) >> shift
+    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT
     h = np.where(h < 0, h + 180, h)
     return np.stack([h, s, v], axis=-1).astype(np.uint8)
 
