@@ -9,8 +9,8 @@ from PIL import Image
 import mininp_segformer as ms
 from mininp_segformer.errors import ConfigError, ImageError, LabelError, SegformerError
 from mininp_segformer.preprocessing import reduce_labels, resize_mask
-from mininp_segformer.training.data import (Labels, check_dataset, colours_to_ids, open_dataset, read_labels,
-                                            read_sample)
+from mininp_segformer.training.data import (Labels, check_dataset, colours_to_ids, holdout, open_dataset,
+                                            read_labels, read_sample)
 from tests.conftest import array_digest, load_fixture, smooth_image
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,6 +98,11 @@ def test_flat_layout_with_json_labels(tmp_path):
     assert check_dataset(ds).sum() == 30 * 40 + 25 * 19 - 25
     with pytest.raises(SegformerError, match="one split"):
         open_dataset(tmp_path, split="validation")
+    train, val = holdout(ds, 1, seed=3)  # a validation split made from the one split, seeded
+    assert sorted(train.images + val.images) == sorted(ds.images) and len(val) == 1 and val.split == "validation"
+    assert holdout(ds, 1, seed=3)[1].images == val.images
+    with pytest.raises(SegformerError, match="from 1 to 1"):
+        holdout(ds, 2)
 
 
 def test_ade_layout_splits_and_reduce_labels(tmp_path):

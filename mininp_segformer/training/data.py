@@ -6,6 +6,8 @@ Two layouts are recognised (`open_dataset`):
     DIR/images/training/...          DIR/annotations/training/<stem>.png        mmseg's ADE20K layout:
     DIR/images/validation/...        DIR/annotations/validation/<stem>.png      splits "train" and "validation"
 
+(`holdout` draws a validation split from a layout that has one split only.)
+
 A mask holds class ids -- an indexed (mode P) or grayscale PNG, 255 = ignore -- or colours: an RGB mask whose
 colours the labels CSV maps to ids (row i of the CSV is class i, like the drone dataset's `class_dict_seg.csv`).
 ADE20K's annotations use 0 for "other" and v for class v - 1: open it with `reduce_labels=True` (NVlabs'
@@ -22,7 +24,7 @@ the fix: an image without a mask, a mask of another size, a class id past the la
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,7 @@ SPLIT_DIRS = {"train": "training", "validation": "validation"}
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "val": "validation"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # (compared by identity: an array field has no single truth value)
 class Labels:
     """Class names, and the colour of each class when they came from a CSV.
 
@@ -215,6 +217,21 @@ def open_dataset(root, split: str = "train", labels=None, reduce_labels: bool = 
                    labels, reduce_labels)
 
 
+def holdout(dataset: Dataset, count: int, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, validation): `count` samples drawn at random (seeded) for validation, for a layout with one split.
+    Both keep the sorted order of their stems."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 0 < count < len(dataset):
+        raise SegformerError(f"the validation count must be an integer from 1 to {len(dataset) - 1} (the dataset "
+                             f"has {len(dataset)} samples), got {count!r}")
+    held = set(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False).tolist())
+
+    def part(keep, split):
+        idx = [i for i in range(len(dataset)) if (i in held) == keep]
+        return replace(dataset, split=split, images=tuple(dataset.images[i] for i in idx),
+                       masks=tuple(dataset.masks[i] for i in idx))
+    return part(False, "train"), part(True, "validation")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 
@@ -275,5 +292,5 @@ def check_dataset(dataset: Dataset, progress=None) -> np.ndarray:
     return counts
 
 
-__all__ = ["Labels", "Dataset", "read_labels", "colour_codes", "colours_to_ids", "split_dirs", "open_dataset",
+__all__ = ["Labels", "Dataset", "read_labels", "colour_codes", "colours_to_ids", "split_dirs", "open_dataset", "holdout",
            "read_mask", "check_ids", "read_sample", "check_dataset", "IMAGE_SUFFIXES", "IGNORE_INDEX"]
