@@ -4,6 +4,10 @@ preprocess: PIL bilinear resize of the uint8 RGB image to (height, width) -- 512
 which stretches the aspect ratio -- then x / 255 (in float64, cast to float32, exactly as HF's `rescale`), then
 (x - mean) / std with ImageNet's mean and std in float32.
 
+With `segmentation_maps` (training labels), as the processor's segmentation-map path: labels reduced first when
+`do_reduce_labels` (0 -> 255, k -> k - 1, 255 stays: ADE20K's "other" becomes the ignore index), then a NEAREST
+resize to the images' size, returned as int64 `labels: (B, height, width)`.
+
 postprocess: bilinear resize of the logits to each image's size (torch `align_corners=False`) and argmax.
 
 The other convention, mmseg's keep-ratio test resize that SegFormer's own evaluation used, is in
@@ -23,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .nn import kernels
-from .errors import ImageError
+from .errors import ImageError, LabelError, SegformerError
 from .memory import check_memory
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,7 +80,7 @@ def open_image_file(path):
             yield img
     except Image.DecompressionBombError:  # above twice its limit Pillow refuses to open the file at all
         raise _too_large(path, f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels") from None
-    except ImageError:
+    except SegformerError:  # ours, from the caller's block too (LabelError is a ValueError)
         raise
     except DECODE_ERRORS as e:
         raise ImageError(f"{path} is not a readable image ({e}); pass a PNG, JPEG or other format Pillow reads") \
@@ -176,11 +180,17 @@ def normalize(rgb: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarr
     return x.transpose(2, 0, 1)
 
 
-def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, *, segmentation_maps=None,
+               do_reduce_labels: bool = False):
     """Images -> `pixel_values: (B, 3, height, width)` float32, exactly HF's SegformerImageProcessor (PIL backend).
 
     `images`: a path, PIL image or `(H, W, 3)` uint8 array, or a list of them. Grayscale, palette, RGBA and 16-bit
     images are converted to 8-bit RGB explicitly. `size`: (height, width) or an int, default 512 x 512.
+
+    With `segmentation_maps` (one per image: a path, PIL image or `(H, W)` integer array of class ids, see
+    `load_mask`) the result is the pair `(pixel_values, labels)`, `labels: (B, height, width)` int64: each map
+    reduced by `reduce_labels` when `do_reduce_labels`, then resized with NEAREST (HF's processor, which returns
+    them as "labels"). Unlike HF, a map of another size than its image is refused (HF would stretch it silently).
     """
     if not isinstance(images, (list, tuple)):
         images = [images]
@@ -188,10 +198,86 @@ def preprocess(images, size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.nd
         raise ImageError("no images given")
     h, w = _as_size(size)
     # bytes per pixel: 2 x 12 per image (3 float32 channels, in the list and in the stack) + one image's float64
-    # rescale in `normalize` (2 x 24)
-    check_memory((24 * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
+    # rescale in `normalize` (2 x 24); with segmentation maps, 2 x 8 more per image (int64 labels, list and stack)
+    per_image = 24 if segmentation_maps is None else 40
+    check_memory((per_image * len(images) + 48) * h * w, f"preprocessing {len(images)} image(s) to {h} x {w}",
                  "choose a smaller size")
-    return np.stack([normalize(resize_image(load_image(image), (h, w)), mean, std) for image in images])
+    rgbs = [load_image(image) for image in images]
+    pixel_values = np.stack([normalize(resize_image(rgb, (h, w)), mean, std) for rgb in rgbs])
+    if segmentation_maps is None:
+        return pixel_values
+    maps = segmentation_maps if isinstance(segmentation_maps, (list, tuple)) else [segmentation_maps]
+    if len(maps) != len(rgbs):
+        raise LabelError(f"got {len(maps)} segmentation map(s) for {len(rgbs)} image(s); pass one per image")
+    labels = []
+    for i, (rgb, seg) in enumerate(zip(rgbs, maps)):
+        mask = load_mask(seg)
+        if mask.shape != rgb.shape[:2]:
+            raise LabelError(f"segmentation map {i} is {mask.shape[0]} x {mask.shape[1]} but its image is "
+                             f"{rgb.shape[0]} x {rgb.shape[1]} (height x width); pass the map made for that image")
+        labels.append(resize_mask(reduce_labels(mask) if do_reduce_labels else mask, (h, w)))
+    return pixel_values, np.stack(labels)
+
+
+MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")  # PIL modes whose pixels are class ids
+
+
+def load_mask(mask) -> np.ndarray:
+    """A segmentation map -> `(H, W)` int64 class ids.
+
+    `mask`: a path or PIL image of mode P (an indexed PNG: the palette indices are the ids), L (grayscale), 1 or
+    I / I;16 (16-bit ids), or an `(H, W)` (or `(H, W, 1)`) non-negative integer array. Colour-coded (RGB) masks
+    have no ids of their own: map their colours first (`training.data` does, through a class CSV).
+    """
+    if isinstance(mask, (str, Path)):
+        with open_image_file(mask) as img:
+            return _mask_of(img, f"the mask {mask}")
+    if isinstance(mask, Image.Image):
+        return _mask_of(mask, "the mask")
+    if isinstance(mask, np.ndarray):
+        a = mask[..., 0] if mask.ndim == 3 and mask.shape[-1] == 1 else mask
+        if a.ndim != 2:
+            raise LabelError(f"a segmentation map must be (H, W) class ids; got shape {mask.shape}. A colour-coded "
+                             "(H, W, 3) mask needs its colours mapped to ids (mininp_segformer.training.data)")
+        if a.dtype == np.bool_:
+            a = a.astype(np.int64)
+        if not np.issubdtype(a.dtype, np.integer):
+            raise LabelError(f"a segmentation map must hold integer class ids; got dtype {a.dtype}. Round and cast "
+                             "it, e.g. np.rint(m).astype(np.int64), if it really holds ids")
+        if a.size and a.min() < 0:
+            raise LabelError(f"a segmentation map holds a negative class id ({a.min()}); use 255 for ignored pixels")
+        if a.size == 0:
+            raise LabelError(f"the segmentation map is empty (shape {mask.shape})")
+        return a.astype(np.int64)
+    raise LabelError(f"expected a segmentation map as a path, a PIL image or a NumPy array; got {type(mask).__name__}")
+
+
+def _mask_of(img: Image.Image, what: str) -> np.ndarray:
+    if img.mode not in MASK_MODES:
+        raise LabelError(f"{what} is a mode {img.mode} image; class ids come from an indexed (P), grayscale (L) or "
+                         "16-bit PNG. A colour-coded mask needs a class CSV (name, r, g, b) to map its colours")
+    return load_mask(np.asarray(img))
+
+
+def reduce_labels(mask: np.ndarray) -> np.ndarray:
+    """HF's `do_reduce_labels` (mmseg's `reduce_zero_label`): 0 -> 255, k -> k - 1, 255 stays 255. For ADE20K,
+    whose annotations use 0 for "other" and 1..150 for the classes. Returns a new int64 array."""
+    mask = np.asarray(mask, dtype=np.int64)
+    return np.where((mask == 0) | (mask == 255), 255, mask - 1)
+
+
+def resize_mask(mask: np.ndarray, size) -> np.ndarray:
+    """`(H, W)` class ids -> `(height, width)` int64, PIL's NEAREST filter (HF's processor for segmentation maps).
+
+    PIL's nearest neighbour of output pixel x is input pixel floor((x + 0.5) * W / width).
+    """
+    h, w = _as_size(size)
+    mask = np.asarray(mask)
+    if mask.shape == (h, w):
+        return mask.astype(np.int64)
+    small = mask.size == 0 or mask.max() <= 255
+    img = Image.fromarray(mask.astype(np.uint8) if small else mask.astype(np.int32))  # mode L or I
+    return np.asarray(img.resize((w, h), resample=Image.Resampling.NEAREST)).astype(np.int64)
 
 
 def resize_image(rgb: np.ndarray, size) -> np.ndarray:

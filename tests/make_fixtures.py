@@ -813,11 +813,73 @@ def case_w_binary_and_classification_gradients():
                        labels, samples=N_GRAD_SAMPLES))
 
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# m. The processor's segmentation-map path: do_reduce_labels, NEAREST resize, int64 labels
+# ----------------------------------------------------------------------------------------------------------------
+
+SEGMAP_CASES = [
+    # name, [(image seed, height, width, mask form: "array" | "P" | "L")], size passed to HF (None: 512 x 512),
+    # do_reduce_labels
+    ("odd_41x67_to_64_reduce", [(9001, 41, 67, "array")], {"height": 64, "width": 64}, True),
+    ("odd_41x67_to_29x48_keep", [(9001, 41, 67, "array")], {"height": 29, "width": 48}, False),
+    ("pil_P_and_L_to_50x70_reduce", [(9002, 37, 53, "P"), (9003, 90, 61, "L")], {"height": 50, "width": 70}, True),
+    ("default_512_keep", [(9004, 23, 31, "P")], None, False),
+]
+
+
+def segmap_mask(seed: int, height: int, width: int) -> np.ndarray:
+    """(H, W) uint8 class ids 0..5 in 4 x 4 blocks (0 included: "other" for do_reduce_labels), a 255 rectangle."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 6, size=(-(-height // 4), -(-width // 4)))
+    mask = np.kron(coarse, np.ones((4, 4), dtype=np.int64))[:height, :width].astype(np.uint8)
+    mask[height // 3: height // 2, width // 4: width // 2] = 255
+    return mask
+
+
+def case_m_segmentation_maps():
+    """SegformerImageProcessorPil with segmentation_maps: the int64 labels, with and without do_reduce_labels.
+
+    Only the labels are kept: the pixel_values of the same call are the image path, which case f records.
+    """
+    from PIL import Image
+
+    proc = pil_processor(from_real_config=False)
+    arrays, cases = {}, []
+    for name, items, hf_size, reduce in SEGMAP_CASES:
+        images, masks, forms = [], [], []
+        for seed, h, w, form in items:
+            images.append(smooth_image(seed, h, w))
+            mask = segmap_mask(seed + 1, h, w)
+            arrays[f"{name}.mask_{len(masks)}"] = mask
+            if form == "P":
+                pil = Image.fromarray(mask, mode="L").convert("P")
+                if not np.array_equal(np.asarray(pil), mask):
+                    raise SystemExit("L -> P conversion changed the ids")
+                masks.append(pil)
+            else:
+                masks.append(Image.fromarray(mask, mode="L") if form == "L" else mask.copy())
+            forms.append(form)
+        kwargs = {} if hf_size is None else {"size": hf_size}
+        out = proc(images=images, segmentation_maps=masks, do_reduce_labels=reduce, return_tensors="np", **kwargs)
+        labels = np.asarray(out["labels"])
+        if labels.dtype != np.int64:
+            raise SystemExit(f"HF labels dtype {labels.dtype}")
+        arrays[f"{name}.labels"] = labels
+        cases.append({"name": name, "images": [{"seed": s, "height": h, "width": w, "mask": f}
+                                               for s, h, w, f in items],
+                      "image_sha256": [array_digest(im) for im in images], "hf_size": hf_size,
+                      "do_reduce_labels": reduce, "shape": list(labels.shape)})
+    meta = {"case": "m", "processor": processor_info(proc), "cases": cases, "image_maker": "smooth_image",
+            "note": "masks are stored (<name>.mask_i, uint8); 'P' and 'L' masks were passed as PIL images of that "
+                    "mode, 'array' ones as (H, W) uint8 arrays"}
+    save("m_segmentation_maps", arrays, meta)
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
          "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model,
-         "l": case_l_components, "u": case_u_b0_gradients, "v": case_v_variant_gradients,
-         "w": case_w_binary_and_classification_gradients}
+         "l": case_l_components, "m": case_m_segmentation_maps, "u": case_u_b0_gradients,
+         "v": case_v_variant_gradients, "w": case_w_binary_and_classification_gradients}
 
 
 def main(argv):
