@@ -1,0 +1,1 @@
+"""Training: data, augmentation, optimisation and the training loop."""
