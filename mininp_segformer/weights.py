@@ -613,7 +613,8 @@ def save_pretrained(directory: str | Path, config: SegformerConfig, state: dict[
     directory = Path(directory)
     state = dict(state)
     for key in [k for k in state if k.endswith(".running_mean")]:  # torch's BatchNorm bookkeeping, as HF saves it
-        state.setdefault(key.replace(".running_mean", ".num_batches_tracked"), np.array(0, dtype=np.int64))
+        tracked = key.replace(".running_mean", ".num_batches_tracked")
+        state[tracked] = np.asarray(state.get(tracked, 0)).astype(np.int64).reshape(())
     if directory.exists() and not directory.is_dir():
         raise SegformerError(f"cannot save to {directory}: it is a file; pass a directory")
     fresh = not directory.exists()
