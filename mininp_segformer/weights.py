@@ -8,6 +8,10 @@ A safetensors file is read here, by one path for every dtype: its header is chec
 own validator (and a far smaller size limit) before a byte of tensor data is read, so a truncated, corrupt or
 crafted file gets a message that says what is wrong; then each tensor is read from its own bytes, and float16 and
 bfloat16 (which NumPy cannot represent) are widened to float32. Nothing is ever unpickled.
+
+For fine-tuning, `fit_state_dict` fits a checkpoint to another head or label set as transformers'
+`from_pretrained(..., ignore_mismatched_sizes=True)` does (new tensors from `init_weights`, transformers' rules), and
+`save_pretrained` writes a model back in the Hub layout, atomically.
 """
 
 from __future__ import annotations
