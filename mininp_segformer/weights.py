@@ -567,6 +567,9 @@ def fit_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head: 
                     if k in renamed and k not in kept)
     fresh = init_weights({k: s for k, s in expected.items() if k not in kept}, config.initializer_range,
                          np.random.default_rng(seed))
+    if any(not k.startswith(("decode_head.", "classifier.")) for k, _, _ in resized):
+        raise CheckpointError("the checkpoint's encoder does not fit the config (" + ", ".join(
+            f"{k} {a} vs {b}" for k, a, b in resized[:3]) + "); only a head can be re-initialised")
     surgery = Surgery(new=tuple(k for k in expected if k not in renamed), resized=resized,
                       unused=tuple(sorted(k for k in renamed if k not in expected)))
     out = {k: kept[k] if k in kept else fresh[k] for k in expected}
@@ -629,6 +632,7 @@ def save_pretrained(directory: str | Path, config: SegformerConfig, state: dict[
         staging.mkdir()
     except OSError as e:
         raise SegformerError(f"cannot save to {directory}: {e.strerror or e}") from None
+    replaced = []
     try:
         save_checkpoint(staging, config, state)
         (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n",
@@ -641,13 +645,15 @@ def save_pretrained(directory: str | Path, config: SegformerConfig, state: dict[
         else:
             for name in SAVED_FILES:
                 os.replace(staging / name, directory / name)
+                replaced.append(name)
             staging.rmdir()
         fsync_dir(parent)
     except BaseException as e:  # a full disk, a permission, Ctrl-C: no staging directory is left behind
         shutil.rmtree(staging, ignore_errors=True)
         if not isinstance(e, (OSError, SafetensorError)):
             raise
-        kept = "was not created" if fresh else "still holds what it held before"
+        kept = ("was not created" if fresh else "still holds what it held before" if not replaced
+                else f"has only {', '.join(replaced)} replaced (the rest is the previous checkpoint's)")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise SegformerError(f"saving the model to {directory} failed ({reason}); {directory} {kept}. "
                              "Free some disk space (or choose another directory) and save again") from None

@@ -203,6 +203,17 @@ def test_state_of_another_model_is_refused():
         adamw_step(params, {}, init_state(params), AdamW(), PolySchedule())
 
 
+def test_non_finite_gradients_change_nothing():
+    params = tiny_params()
+    before = {k: v.copy() for k, v in params.items()}
+    grads = {k: np.ones_like(v) for k, v in params.items()}
+    grads["decode_head.classifier.bias"][0] = np.nan
+    state = init_state(params)
+    with pytest.raises(SegformerError, match="NaN or inf .*decode_head.classifier.bias"):
+        adamw_step(params, grads, state, AdamW(), PolySchedule())
+    assert state.step == 0 and all(np.array_equal(before[k], params[k]) for k in params)
+
+
 @pytest.mark.parametrize("make", [
     lambda: AdamW(lr=-1.0), lambda: AdamW(lr=math.nan), lambda: AdamW(betas=(0.9, 1.0)), lambda: AdamW(eps=0.0),
     lambda: AdamW(weight_decay=-0.1), lambda: AdamW(custom_keys={"head": {"lr_multiplier": 10}}),

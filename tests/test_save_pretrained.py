@@ -115,3 +115,21 @@ def test_saving_onto_a_file_is_refused(case, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(SegformerError, match="it is a file"):
         case[0].save_pretrained(tmp_path / "f")
+
+
+def test_a_failed_rename_says_what_was_replaced(case, tmp_path, monkeypatch):
+    """The renames come after every byte is on disk; should one still fail, the message says which files are new."""
+    model = case[0]
+    model.save_pretrained(tmp_path)
+    real, calls = os.replace, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(SegformerError, match=r"has only model.safetensors replaced"):
+        model.save_pretrained(tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

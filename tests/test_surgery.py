@@ -154,6 +154,15 @@ def test_fit_state_dict_report():
     assert surgery.new == ("classifier.weight", "classifier.bias") and len(surgery.unused) == 15
 
 
+def test_an_encoder_that_does_not_fit_is_refused():
+    config = ms.variant_config("b0", num_labels=3, hidden_sizes=(4, 8, 8, 8), num_attention_heads=(1, 2, 1, 2),
+                               decoder_hidden_size=8)
+    wider = ms.variant_config("b0", num_labels=3, hidden_sizes=(4, 8, 8, 16), num_attention_heads=(1, 2, 1, 2),
+                              decoder_hidden_size=8)
+    with pytest.raises(CheckpointError, match="encoder does not fit"):
+        fit_state_dict(random_state_dict(config, SEMANTIC), wider, SEMANTIC)
+
+
 def test_with_labels():
     config = SegformerConfig()
     assert with_labels(config) is config

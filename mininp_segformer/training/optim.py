@@ -13,6 +13,10 @@ mmcv's DefaultOptimizerConstructor builds from NVlabs' `paramwise_cfg` (local_co
 segformer.b0.512x512.ade.160k.py); the learning rate is mmcv's PolyLrUpdaterHook with linear warmup
 (mmcv/runner/hooks/lr_updater.py). The optimiser's state is plain NumPy arrays keyed by the parameters' Hub names
 (`state_arrays` / `load_state`), so a run can be saved to safetensors and resumed exactly.
+
+`model.state_dict()` hands out the model's own arrays, so the updates reach the model; `value_and_grad` and
+`save_pretrained` read them as they are. The fused decode head of `model(x)` (decoder="fused") is folded from the
+weights when the model is built: for inference after training, build it again from `model.state_dict()`.
 """
 
 from __future__ import annotations
@@ -168,6 +172,10 @@ def adamw_step(params: dict[str, np.ndarray], grads: dict[str, np.ndarray], stat
     if set(grads) != set(params) or set(params) != set(state.exp_avg):
         odd = sorted(set(grads) ^ set(params) | set(params) ^ set(state.exp_avg))
         raise SegformerError(f"parameters, gradients and optimiser state name different tensors: {odd[:5]}")
+    bad = [k for k, g in grads.items() if not np.isfinite(g).all()]
+    if bad:  # checked before any update: a diverged step leaves the weights as they were
+        raise SegformerError(f"the gradients of {len(bad)} parameters hold NaN or inf ({', '.join(bad[:3])}): the "
+                             "loss diverged; lower the learning rate or check the labels and images")
     step = state.step
     for name, (lr_mult, decay_mult) in param_groups(params, settings.custom_keys).items():
         lr = learning_rate(step, settings.lr * lr_mult, schedule)
@@ -188,7 +196,7 @@ def state_arrays(state: AdamWState) -> dict[str, np.ndarray]:
 
 def load_state(arrays: dict[str, np.ndarray], params: dict[str, np.ndarray]) -> AdamWState:
     """`state_arrays` read back, checked against the parameters it will update: one CheckpointError names every
-    tensor missing, unexpected or of another shape (the state of another model) and a step count that is not one."""
+    tensor missing, unexpected or of another shape (the state of another model), or a missing or invalid step."""
     step = arrays.get("step")
     if step is None or np.shape(step) != () or not np.issubdtype(np.asarray(step).dtype, np.integer) or step < 0:
         raise CheckpointError(f"the optimiser state needs a step count (an integer >= 0), got {step!r}")
