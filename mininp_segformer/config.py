@@ -243,6 +243,40 @@ class SegformerConfig:
             raise ConfigError(f"id2label names must be strings, got {odd[0][0]}: {show_value(odd[0][1])}")
 
 
+def with_labels(config: SegformerConfig, num_labels: int | None = None, id2label: dict | None = None,
+                label2id: dict | None = None) -> SegformerConfig:
+    """`config` with a new label set, as HF's `from_pretrained(..., num_labels=, id2label=, label2id=)` sets it.
+
+    `id2label` ({0: "sky", ...}; JSON's string keys "0" accepted) wins, as in HF; else `label2id` ({"sky": 0, ...})
+    is inverted; else `num_labels` labels are named LABEL_0 .. LABEL_{n-1} (HF's default names). Given together,
+    they must agree (a ConfigError says where they do not). None of them: `config` itself. Validated.
+    """
+    if id2label is None and label2id is None and num_labels is None:
+        return config
+    if label2id is not None:
+        if not isinstance(label2id, dict):
+            raise ConfigError(f'label2id must map names to class ids {{"sky": 0, ...}}, got {show_value(label2id)}')
+        check_int("the number of labels in label2id", len(label2id), *INT_RANGES["num_labels"])
+        inverted = _labels_from_json({str(i) if isinstance(i, int) and not isinstance(i, bool) else i: name
+                                      for name, i in label2id.items()})
+        if len(inverted) != len(label2id):
+            raise ConfigError("label2id gives two names the same class id; each class needs its own id")
+    if id2label is not None:
+        labels = _labels_from_json({str(k) if isinstance(k, int) and not isinstance(k, bool) else k: v
+                                    for k, v in id2label.items()} if isinstance(id2label, dict) else id2label)
+        if label2id is not None and inverted != labels:
+            raise ConfigError("id2label and label2id disagree; pass one of them (label2id is id2label inverted)")
+    elif label2id is not None:
+        labels = inverted
+    else:
+        labels = {i: f"LABEL_{i}" for i in range(check_int("num_labels", num_labels, *INT_RANGES["num_labels"]))}
+    if num_labels is not None and check_int("num_labels", num_labels, *INT_RANGES["num_labels"]) != len(labels):
+        raise ConfigError(f"num_labels={num_labels} but the label map names {len(labels)} classes; pass one of them")
+    new = dataclasses.replace(config, id2label=labels)
+    new.validate()
+    return new
+
+
 # PyTorch's nn.LayerNorm / nn.BatchNorm2d default; what HF's SegFormer actually runs with.
 LAYER_NORM_EPS = 1e-5
 BATCH_NORM_EPS = 1e-5

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from .config import SegformerConfig
 from .errors import CheckpointError, ConfigError, DownloadError
-from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, load_checkpoint
+from .weights import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, fsync_dir, load_checkpoint
 
 try:
     import fcntl  # the download lock (Linux, macOS)
@@ -316,21 +316,7 @@ def _write_json_atomically(path: Path, data: dict) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def _cache_error_message(error: OSError) -> str:
@@ -459,7 +445,7 @@ def _replace_dir(staging: Path, target: Path) -> None:
     elif target.exists():
         shutil.rmtree(target)
     os.replace(staging, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _remove_if_empty(directory: Path) -> None:

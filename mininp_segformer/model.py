@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backwar
 from .nn.layers import EVAL, Mode
 from .preprocessing import load_image, postprocess, preprocess
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head, flatten,
-                      is_parameter, load_checkpoint, unflatten)
+                      is_parameter, load_checkpoint, save_pretrained, unflatten)
 
 DEFAULT_MODEL = "nvidia/segformer-b0-finetuned-ade-512-512"
 SLIDE_HINT = ("segment large images in windows instead: inference.segment(image, model, mode='slide') (command "
@@ -238,6 +240,15 @@ class Segformer:
             return semantic_segmentation_loss(logits, labels, ignore_index=self.config.semantic_loss_ignore_index)
         return classification_loss(logits, labels)
 
+    def save_pretrained(self, directory) -> Path:
+        """Write the model to `directory` as transformers' `save_pretrained` does: `config.json` (architectures
+        set to this head), `model.safetensors` (float32, Hub names, BatchNorm's running statistics and
+        num_batches_tracked) and `preprocessor_config.json` (SegformerImageProcessor's, at `image_size`).
+        Atomic (`weights.save_pretrained`): a failure raises a SegformerError and leaves `directory` as it was.
+        `load(directory)` and transformers' `from_pretrained(directory)` read it back."""
+        config = dataclasses.replace(self.config, architectures=(self.head,))
+        return save_pretrained(directory, config, self.state_dict(), self.image_size)
+
 
 # preprocessor_config.json's `size`, as HF's SegformerImageProcessor reads it (get_size_dict, then resize): an
 # integer (square), [height, width] or {"height": H, "width": W}; 512 x 512 when absent. Other forms HF knows
@@ -272,14 +283,37 @@ def _image_size(directory: Path, min_size: int) -> tuple[int, int]:
     return (h, w)
 
 
-def load(name_or_path, revision: str = "main", backend: str = "numba", dtype="float32") -> Segformer:
+def load(name_or_path, revision: str = "main", backend: str = "numba", dtype="float32", *, head: str | None = None,
+         num_labels: int | None = None, id2label: dict | None = None, label2id: dict | None = None,
+         seed: int | None = None) -> Segformer:
     """Load a checkpoint: a local directory (config.json + model.safetensors), the bundled demo model's name, or a
     Hugging Face Hub name such as "nvidia/segformer-b0-finetuned-ade-512-512" (downloaded once, then cached).
-    `backend` and `dtype` as for `Segformer`."""
+    `backend` and `dtype` as for `Segformer`.
+
+    To fine-tune, give the model another head or label set, as HF's `from_pretrained(..., num_labels=,
+    id2label=, label2id=, ignore_mismatched_sizes=True)` does: `head` ("semantic", "classification" or
+    "backbone"; default: the checkpoint's own) and the labels (`config.with_labels`). Tensors the new model
+    lacks or whose shape changed are initialised as transformers does (`weights.init_weights`, from
+    `np.random.default_rng(seed)`), e.g. `load("nvidia/mit-b0", head="semantic", id2label={0: "road", ...})`
+    gives an ImageNet encoder with a fresh decode head; one warning line (`warnings.warn`) says what changed.
+    A decode head always reads the last stage as a map: the `reshape_last_stage: false` of the mit-b* configs is
+    set to true (HF keeps it and then reshapes by the channel count, right only when tokens == channels).
+    """
+    from .config import with_labels
     from .hub import resolve
+    from .weights import fit_state_dict, head_class
 
     directory = resolve(name_or_path, revision=revision)
-    config, head, state = load_checkpoint(directory)
+    config, source_head, state = load_checkpoint(directory)
+    head = head_class(head) if head is not None else source_head
+    new_config = with_labels(config, num_labels, id2label, label2id)
+    if head != source_head:
+        new_config = dataclasses.replace(new_config, architectures=(head,),
+                                         reshape_last_stage=new_config.reshape_last_stage or head == SEMANTIC)
+    if new_config != config or head != source_head:
+        config, (state, surgery) = new_config, fit_state_dict(state, new_config, head, seed)
+        if surgery:
+            warnings.warn(surgery.summary(head, str(name_or_path)), stacklevel=2)
     image_size = _image_size(directory, min_input_size(config))
     return Segformer(config, state, head=head, image_size=image_size, backend=backend, dtype=dtype)
 

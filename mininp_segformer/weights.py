@@ -8,6 +8,10 @@ A safetensors file is read here, by one path for every dtype: its header is chec
 own validator (and a far smaller size limit) before a byte of tensor data is read, so a truncated, corrupt or
 crafted file gets a message that says what is wrong; then each tensor is read from its own bytes, and float16 and
 bfloat16 (which NumPy cannot represent) are widened to float32. Nothing is ever unpickled.
+
+For fine-tuning, `fit_state_dict` fits a checkpoint to another head or label set as transformers'
+`from_pretrained(..., ignore_mismatched_sizes=True)` does (new tensors from `init_weights`, transformers' rules), and
+`save_pretrained` writes a model back in the Hub layout, atomically.
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 
 from .config import SegformerConfig, open_regular_file
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, SegformerError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -458,3 +465,196 @@ def random_state_dict(config: SegformerConfig, head: str = SEMANTIC, seed: int =
     if head == SEMANTIC:  # torch's BatchNorm bookkeeping, present in every real checkpoint
         state["decode_head.batch_norm.num_batches_tracked"] = np.array(0, dtype=np.int64)
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model surgery: a checkpoint fitted to another head or label set, as HF's
+# `from_pretrained(..., num_labels=..., ignore_mismatched_sizes=True)` fits it.
+
+# load(head=...) accepts these short names as well as the transformers class names.
+HEADS = {"semantic": SEMANTIC, "classification": CLASSIFICATION, "backbone": BACKBONE}
+
+
+def head_class(head: str) -> str:
+    """"semantic" / "classification" / "backbone" (or a transformers class name) -> the class name."""
+    if head in HEADS.values():
+        return head
+    if head not in HEADS:
+        raise CheckpointError(f"head must be one of {', '.join(map(repr, HEADS))}, got {head!r}")
+    return HEADS[head]
+
+
+def init_weights(shapes: dict[str, tuple[int, ...]], initializer_range: float,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fresh float32 tensors for `shapes` ({Hub name: shape}), as transformers initialises a new SegFormer layer.
+
+    `SegformerPreTrainedModel._init_weights` (transformers 4.x; 5.x's generic `PreTrainedModel._init_weights` does
+    the same): nn.Linear / nn.Conv2d weights ~ N(0, initializer_range) (no fan-in or fan-out scaling), their biases
+    0; LayerNorm and BatchNorm weights 1, biases 0; BatchNorm's running_mean 0, running_var 1 (torch's reset). A
+    weight of 2 or more dimensions is a Linear or Conv2d one, a 1-D weight a norm's. Drawn in the order of `shapes`
+    from `rng`, so a seeded Generator gives the same tensors every time.
+    """
+    out = {}
+    for key, shape in shapes.items():
+        if key.endswith(".weight") and len(shape) >= 2:
+            x = rng.normal(0.0, initializer_range, size=shape)
+        elif key.endswith((".bias", "running_mean")):
+            x = np.zeros(shape)
+        elif key.endswith((".weight", "running_var")):
+            x = np.ones(shape)
+        else:
+            raise ValueError(f"no initialisation rule for {key!r}")
+        out[key] = x.astype(np.float32)
+    return out
+
+
+def _rename_for(key: str, head: str) -> str:
+    """A Hub key under the layout of `head`: the encoder is `encoder.*` in a bare SegformerModel and
+    `segformer.encoder.*` under a head (HF's base_model_prefix)."""
+    bare = key.removeprefix("segformer.")
+    if head == BACKBONE:
+        return bare
+    return f"segformer.{bare}" if bare.startswith("encoder.") else key
+
+
+@dataclass(frozen=True)
+class Surgery:
+    """What `fit_state_dict` changed: keys newly initialised (absent from the checkpoint), keys re-initialised
+    because their shape changed ((key, shape in the checkpoint, shape now)), checkpoint keys left unused."""
+
+    new: tuple[str, ...] = ()
+    resized: tuple[tuple[str, tuple, tuple], ...] = ()
+    unused: tuple[str, ...] = ()
+
+    def __bool__(self):
+        return bool(self.new or self.resized or self.unused)
+
+    def summary(self, model: str, source: str) -> str:
+        """One line, as transformers warns after such a load."""
+        def grouped(keys):
+            groups: dict[str, int] = {}
+            for k in keys:
+                top = k.split(".")[0]
+                groups[top] = groups.get(top, 0) + 1
+            return ", ".join(f"{top}.* ({n})" for top, n in groups.items())
+
+        parts = []
+        if self.new:
+            parts.append(f"{len(self.new)} tensors newly initialised, not in the checkpoint: {grouped(self.new)}")
+        if self.resized:
+            parts.append(f"{len(self.resized)} re-initialised, their shapes differ: " + ", ".join(
+                f"{k} {tuple(a)} -> {tuple(b)}" for k, a, b in self.resized))
+        if self.unused:
+            parts.append(f"{len(self.unused)} checkpoint tensors unused: {grouped(self.unused)}")
+        return (f"{model} from {source}: " + "; ".join(parts)
+                + (". Train the model before using it for predictions." if self.new or self.resized else "."))
+
+
+def fit_state_dict(state: dict[str, np.ndarray], config: SegformerConfig, head: str,
+                   seed: int | None = None) -> tuple[dict[str, np.ndarray], Surgery]:
+    """The tensors of a (strictly loaded) checkpoint fitted to `config` and `head`, and what was changed.
+
+    Tensors whose name (after moving the encoder under or out of `segformer.`) and shape fit are kept; those the
+    new layout lacks or whose shape differs (a classifier for another number of labels) get `init_weights` from
+    `np.random.default_rng(seed)` (None: fresh entropy, like an unseeded torch); the rest is left unused -- as
+    HF's `from_pretrained(..., ignore_mismatched_sizes=True)` does. `config` must differ from the checkpoint's
+    only in its labels and head (its encoder shapes are those of the checkpoint), so only heads are re-initialised.
+    """
+    expected = expected_shapes(config, head)
+    renamed = {_rename_for(k, head): v for k, v in state.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    kept = {k: v for k, v in renamed.items() if k in expected and tuple(v.shape) == expected[k]}
+    resized = tuple((k, tuple(renamed[k].shape), expected[k]) for k in expected
+                    if k in renamed and k not in kept)
+    fresh = init_weights({k: s for k, s in expected.items() if k not in kept}, config.initializer_range,
+                         np.random.default_rng(seed))
+    if any(not k.startswith(("decode_head.", "classifier.")) for k, _, _ in resized):
+        raise CheckpointError("the checkpoint's encoder does not fit the config (" + ", ".join(
+            f"{k} {a} vs {b}" for k, a, b in resized[:3]) + "); only a head can be re-initialised")
+    surgery = Surgery(new=tuple(k for k in expected if k not in renamed), resized=resized,
+                      unused=tuple(sorted(k for k in renamed if k not in expected)))
+    out = {k: kept[k] if k in kept else fresh[k] for k in expected}
+    check_state_dict(out, config, head, source="the fitted checkpoint")
+    return out, surgery
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving a model in the Hub layout, atomically
+
+
+def preprocessor_config(image_size: tuple[int, int]) -> dict:
+    """`preprocessor_config.json` of SegformerImageProcessor for inputs of `image_size` (H, W): its defaults
+    (resize with PIL's bilinear filter, rescale by 1/255, ImageNet mean and std, no label reduction)."""
+    from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, RESCALE_FACTOR
+
+    return {"do_normalize": True, "do_reduce_labels": False, "do_rescale": True, "do_resize": True,
+            "image_mean": list(IMAGENET_MEAN), "image_processor_type": "SegformerImageProcessor",
+            "image_std": list(IMAGENET_STD), "resample": 2,  # PIL.Image.BILINEAR
+            "rescale_factor": RESCALE_FACTOR, "size": {"height": int(image_size[0]), "width": int(image_size[1])}}
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+SAVED_FILES = (WEIGHTS_NAME, PREPROCESSOR_NAME, CONFIG_NAME)  # save_pretrained renames them in this order
+
+
+def save_pretrained(directory: str | Path, config: SegformerConfig, state: dict[str, np.ndarray],
+                    image_size: tuple[int, int]) -> Path:
+    """Write `config.json`, `model.safetensors` (float32, Hub names) and `preprocessor_config.json` to `directory`,
+    atomically: all three are written and fsync'ed in a staging directory beside or inside `directory` first, then
+    renamed into place. A new `directory` appears whole (one rename); an existing one gets the three files
+    replaced one by one (other files in it are left alone). A failure while writing (a full disk) removes the
+    staging directory, leaves what `directory` held untouched, and raises a SegformerError.
+    """
+    directory = Path(directory)
+    state = dict(state)
+    for key in [k for k in state if k.endswith(".running_mean")]:  # torch's BatchNorm bookkeeping, as HF saves it
+        tracked = key.replace(".running_mean", ".num_batches_tracked")
+        state[tracked] = np.asarray(state.get(tracked, 0)).astype(np.int64).reshape(())
+    if directory.exists() and not directory.is_dir():
+        raise SegformerError(f"cannot save to {directory}: it is a file; pass a directory")
+    fresh = not directory.exists()
+    parent = directory.parent if fresh else directory
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = parent / f".{directory.name}.{os.getpid()}.{os.urandom(4).hex()}.saving"
+        staging.mkdir()
+    except OSError as e:
+        raise SegformerError(f"cannot save to {directory}: {e.strerror or e}") from None
+    replaced = []
+    try:
+        save_checkpoint(staging, config, state)
+        (staging / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config(image_size), indent=2) + "\n",
+                                                 encoding="utf-8")
+        for name in SAVED_FILES:
+            with open(staging / name, "rb") as f:
+                os.fsync(f.fileno())
+        if fresh:
+            os.replace(staging, directory)
+        else:
+            for name in SAVED_FILES:
+                os.replace(staging / name, directory / name)
+                replaced.append(name)
+            staging.rmdir()
+        fsync_dir(parent)
+    except BaseException as e:  # a full disk, a permission, Ctrl-C: no staging directory is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        if not isinstance(e, (OSError, SafetensorError)):
+            raise
+        kept = ("was not created" if fresh else "still holds what it held before" if not replaced
+                else f"has only {', '.join(replaced)} replaced (the rest is the previous checkpoint's)")
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise SegformerError(f"saving the model to {directory} failed ({reason}); {directory} {kept}. "
+                             "Free some disk space (or choose another directory) and save again") from None
+    return directory

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))  # the package and tests/ of this checkout
 
 from mininp_segformer.config import SegformerConfig, variant_config  # noqa: E402
 from mininp_segformer.weights import (BACKBONE, CLASSIFICATION, SEMANTIC, is_parameter,  # noqa: E402
-                                      random_state_dict, read_safetensors, save_checkpoint, to_transformers5_name)
+                                      random_state_dict, read_safetensors, save_checkpoint, to_hub_name,
+                                      to_transformers5_name)
 from tests.conftest import (FIXTURES_DIR, PHOTOS, SHARED_DIR, WEIGHT_STATS_FIXTURE, array_digest,  # noqa: E402
                             N_GRAD_SAMPLES, grad_sample_index, load_weight_stats, perturbed_ade_prediction,
                             random_labels, random_logits, random_pixel_values, random_segmentation_pair,
@@ -875,11 +876,209 @@ def case_m_segmentation_maps():
                     "mode, 'array' ones as (H, W) uint8 arrays"}
     save("m_segmentation_maps", arrays, meta)
 
+# ----------------------------------------------------------------------------------------------------------------
+# n. save_pretrained read by transformers, strictly; model surgery as from_pretrained(num_labels=...) reports it
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_S_WEIGHTS, SEED_S_INPUT = 9101, 9102
+SHAPE_S = (1, 3, 64, 96)
+IMAGE_SIZE_S = (64, 96)
+
+
+def tiny_config(num_labels: int, **overrides) -> SegformerConfig:
+    """A four-stage SegFormer small enough that whole weight sets fit in a fixture (~40k parameters)."""
+    fields = dict(hidden_sizes=(8, 16, 40, 64), depths=(1, 2, 1, 1), decoder_hidden_size=32,
+                  id2label={i: f"class_{i}" for i in range(num_labels)})
+    fields.update(overrides)
+    config = SegformerConfig(**fields)
+    config.validate()
+    return config
+
+
+def hub_names(keys) -> list[str]:
+    return sorted(to_hub_name(k) for k in keys)
+
+
+def init_kind(t) -> dict:
+    """How a freshly initialised tensor looks: all zeros, all ones, or normal with this mean and std."""
+    a = t.detach().double().numpy()
+    if (a == 0).all():
+        return {"kind": "zeros"}
+    if (a == 1).all():
+        return {"kind": "ones"}
+    return {"kind": "normal", "mean": float(a.mean()), "std": float(a.std()), "size": int(a.size)}
+
+
+def surgery_info(cls, directory, **kwargs) -> dict:
+    """What transformers' from_pretrained reports when it fits the checkpoint in `directory` to `cls` + kwargs."""
+    model, info = cls.from_pretrained(directory, output_loading_info=True, dtype=torch.float32, **kwargs)
+    state = model.state_dict()
+    missing = sorted(info["missing_keys"])
+    mismatched = [to_hub_name(m[0] if isinstance(m, (tuple, list)) else m) for m in info["mismatched_keys"]]
+    return {"missing": hub_names(missing), "unexpected": hub_names(info["unexpected_keys"]),
+            "mismatched": sorted(mismatched), "num_labels": model.config.num_labels,
+            "reshape_last_stage": model.config.reshape_last_stage,
+            "init": {to_hub_name(k): init_kind(state[k]) for k in
+                     sorted(set(missing) | {k for k in state if to_hub_name(k) in mismatched})}}
+
+
+def case_n_save_pretrained():
+    """Segformer.save_pretrained loaded strictly by transformers (logits); from_pretrained's surgery reports."""
+    from mininp_segformer import Segformer
+
+    config = tiny_config(3)
+    state = random_state_dict(config, SEMANTIC, seed=SEED_S_WEIGHTS)
+    x = random_pixel_values(SEED_S_INPUT, SHAPE_S)
+    surgery = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = Path(tmp) / "saved"
+        Segformer(config, state, image_size=IMAGE_SIZE_S).save_pretrained(saved)
+        model, info = SegformerForSemanticSegmentation.from_pretrained(saved, output_loading_info=True,
+                                                                       attn_implementation="eager", dtype=torch.float32)
+        if any(info.values()):
+            raise SystemExit(f"transformers reported problems loading our save_pretrained output: {info}")
+        model.eval()
+        on_disk = read_safetensors(saved / "model.safetensors")
+        hf_state = model.state_dict()
+        if sorted(hub_names(hf_state)) != sorted(on_disk):
+            raise SystemExit(f"tensors differ: {sorted(set(hub_names(hf_state)) ^ set(on_disk))}")
+        for k, v in hf_state.items():
+            if not np.array_equal(v.numpy(), on_disk[to_hub_name(k)]):
+                raise SystemExit(f"{k} differs between transformers and the saved file")
+        proc = SegformerImageProcessorPil.from_pretrained(saved)
+        if dict(proc.size) != {"height": IMAGE_SIZE_S[0], "width": IMAGE_SIZE_S[1]}:
+            raise SystemExit(f"the saved preprocessor_config.json gives size {proc.size}")
+        if model.config.id2label != config.id2label:
+            raise SystemExit(f"id2label read back as {model.config.id2label}")
+        with torch.no_grad():
+            logits = np32(model(torch.from_numpy(x)).logits)
+
+        # Surgery references: a classification checkpoint (as nvidia/mit-b*, reshape_last_stage false), a bare
+        # encoder, and a segmentation checkpoint given fewer labels.
+        sources = {"classification": (tiny_config(10, reshape_last_stage=False), CLASSIFICATION),
+                   "backbone": (tiny_config(2), BACKBONE), "semantic": (tiny_config(3), SEMANTIC)}
+        for name, (cfg, head) in sources.items():
+            save_checkpoint(Path(tmp) / name, cfg, random_state_dict(cfg, head, seed=SEED_S_WEIGHTS))
+        id2label = {0: "road", 1: "car", 2: "tree", 3: "sky"}
+        surgery["classification_to_semantic"] = surgery_info(
+            SegformerForSemanticSegmentation, Path(tmp) / "classification", id2label=id2label,
+            label2id={v: k for k, v in id2label.items()})
+        surgery["backbone_to_semantic"] = surgery_info(SegformerForSemanticSegmentation, Path(tmp) / "backbone",
+                                                       num_labels=4)
+        surgery["semantic_to_2_labels"] = surgery_info(SegformerForSemanticSegmentation, Path(tmp) / "semantic",
+                                                       num_labels=2, ignore_mismatched_sizes=True)
+        surgery["semantic_to_classification"] = surgery_info(SegformerForImageClassification, Path(tmp) / "semantic")
+    meta = {"case": "n", "config": config.to_dict(), "image_size": list(IMAGE_SIZE_S),
+            "weights": weights_meta(config, SEMANTIC, SEED_S_WEIGHTS, state=state),
+            "input": {"seed": SEED_S_INPUT, "shape": list(SHAPE_S), "made_by": "random_pixel_values"},
+            "surgery": surgery, "surgery_seed": SEED_S_WEIGHTS,
+            "surgery_sources": {name: {"config": cfg.to_dict(), "head": head} for name, (cfg, head) in sources.items()}}
+    save("n_save_pretrained", {"logits": logits}, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# o. Ten AdamW steps with NVlabs' parameter groups and mmcv's warmup + poly schedule, in torch
+# ----------------------------------------------------------------------------------------------------------------
+
+SEED_W_WEIGHTS, SEED_W_INPUT, SEED_W_LABELS = 9201, 9202, 9203
+SHAPE_W = (2, 3, 64, 64)
+STEPS_W = 10
+SEED_W_SAMPLES, SAMPLE_W = 9204, 64  # final weights kept: all of a tensor up to 64 values, else 64 sampled
+ADAMW_W = {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.05}
+SCHEDULE_W = {"max_iters": 16, "power": 1.0, "min_lr": 1e-5, "warmup_iters": 4, "warmup_ratio": 1e-6}
+
+
+def mmcv_lr(step: int, base_lr: float) -> float:
+    """mmcv 1.x PolyLrUpdaterHook.get_lr, then LrUpdaterHook.get_warmup_lr (linear), as before_train_iter does."""
+    s = SCHEDULE_W
+    regular = (base_lr - s["min_lr"]) * (1 - step / s["max_iters"]) ** s["power"] + s["min_lr"]
+    if step >= s["warmup_iters"]:
+        return regular
+    k = (1 - step / s["warmup_iters"]) * (1 - s["warmup_ratio"])
+    return regular * (1 - k)
+
+
+def w_labels(num_labels: int) -> np.ndarray:
+    """(2, 64, 64) int64 labels: blocks of classes 0..num_labels-1 with ~10 % ignored (255)."""
+    return np.stack([random_segmentation_pair(SEED_W_LABELS + i, SHAPE_W[2], SHAPE_W[3], num_labels + 2)[1]
+                     for i in range(SHAPE_W[0])]).astype(np.int64)
+
+
+def case_o_adamw():
+    """10 steps of torch.optim.AdamW (NVlabs' groups, mmcv's schedule) on a tiny model in eval mode: losses, weights.
+
+    In float64 and in float32. In float32 the two runs part by more than float32's rounding: Adam divides each
+    gradient by its own running size, so a gradient that is only rounding noise (the key biases': softmax ignores
+    a shift shared by all keys, so their true gradient is exactly 0) still moves its weight by about lr a step,
+    in a direction set by the noise -- different in torch and in NumPy. In float64 that noise is far below eps.
+    """
+    for dtype in ("float64", "float32"):
+        adamw_run(dtype)
+
+
+def adamw_run(dtype: str):
+    config = tiny_config(4)
+    state = random_state_dict(config, SEMANTIC, seed=SEED_W_WEIGHTS)
+    x = random_pixel_values(SEED_W_INPUT, SHAPE_W).astype(dtype)
+    labels = w_labels(config.num_labels)
+    with hf_model(config, SEMANTIC, state) as model:
+        model.to(getattr(torch, dtype))
+        if dtype == "float64":  # eager attention computes its softmax in float32 (modeling_segformer.py); sdpa does not
+            model.set_attn_implementation("sdpa")
+        # The groups mmcv's DefaultOptimizerConstructor builds from NVlabs' paramwise_cfg (custom_keys 'head':
+        # lr_mult 10, 'norm': decay_mult 0), decided here from the module types: everything in the decode head gets
+        # lr x10 (its BatchNorm too: 'head' is matched first), every LayerNorm of the encoder no weight decay.
+        groups, names = [], []
+        for module_name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                in_head = module_name.startswith("decode_head")
+                no_decay = isinstance(module, torch.nn.LayerNorm) and not in_head
+                groups.append({"params": [p], "lr": ADAMW_W["lr"] * (10.0 if in_head else 1.0),
+                               "weight_decay": ADAMW_W["weight_decay"] * (0.0 if no_decay else 1.0)})
+                names.append(to_hub_name(f"{module_name}.{pname}"))
+        opt = torch.optim.AdamW(groups, lr=ADAMW_W["lr"], betas=tuple(ADAMW_W["betas"]), eps=ADAMW_W["eps"],
+                                weight_decay=ADAMW_W["weight_decay"], foreach=False, fused=False)
+        initial = [g["lr"] for g in opt.param_groups]
+        losses, lrs = [], []
+        for step in range(STEPS_W):
+            for g, lr0 in zip(opt.param_groups, initial):
+                g["lr"] = mmcv_lr(step, lr0)
+            lrs.append(mmcv_lr(step, ADAMW_W["lr"]))
+            opt.zero_grad()
+            out = model(pixel_values=torch.from_numpy(x), labels=torch.from_numpy(labels))
+            out.loss.backward()
+            opt.step()
+            losses.append(float(out.loss.item()))
+        arrays, max_abs = {}, {}
+        rng = np.random.default_rng(SEED_W_SAMPLES)
+        for n, g in zip(names, opt.param_groups):  # a sample of each larger tensor keeps the fixture small
+            w = g["params"][0].detach().numpy().reshape(-1)
+            max_abs[n] = float(np.abs(w).max())
+            if w.size > SAMPLE_W:
+                index = np.sort(rng.choice(w.size, SAMPLE_W, replace=False)).astype(np.int32)
+                arrays[f"final_index.{n}"] = index
+                w = w[index]
+            arrays[f"final.{n}"] = w
+        multipliers = {n: [lr0 / ADAMW_W["lr"], g["weight_decay"] / ADAMW_W["weight_decay"]]
+                       for n, g, lr0 in zip(names, opt.param_groups, initial)}
+    log(f"  losses {losses[0]:.4f} -> {losses[-1]:.4f}")
+    arrays.update(losses=np.array(losses), lrs=np.array(lrs), labels=labels.astype(np.uint8))
+    meta = {"case": "o", "config": config.to_dict(),
+            "weights": weights_meta(config, SEMANTIC, SEED_W_WEIGHTS, state=state),
+            "input": {"seed": SEED_W_INPUT, "shape": list(SHAPE_W), "made_by": "random_pixel_values"},
+            "labels": {"seed": SEED_W_LABELS, "made_by": "random_segmentation_pair(seed + i, H, W, num_labels + 2)[1]"},
+            "adamw": ADAMW_W, "schedule": SCHEDULE_W, "steps": STEPS_W, "multipliers": multipliers,
+            "final_max_abs": max_abs, "final_note": "final.<name>: the weights after the last step, flattened; "
+                                                     "where final_index.<name> exists, only at those flat indices",
+            "optimizer": "torch.optim.AdamW(foreach=False): _single_tensor_adam, decoupled weight decay",
+            "mode": "eval (no dropout, no drop path, BatchNorm running statistics)", "dtype": dtype}
+    save(f"o_adamw_10_steps_{dtype}", arrays, meta)
+
 CASES = {"a": case_a_photos, "b": case_b_batch_odd, "c": case_c_7_labels, "d": case_d_variants,
          "e": case_e_classification_backbone, "f": case_f_preprocess, "g": case_g_resize, "h": case_h_postprocess,
          "i": case_i_expected_slice, "j": case_j_metrics, "k": case_k_demo_model,
-         "l": case_l_components, "m": case_m_segmentation_maps, "u": case_u_b0_gradients,
-         "v": case_v_variant_gradients, "w": case_w_binary_and_classification_gradients}
+         "l": case_l_components, "m": case_m_segmentation_maps, "n": case_n_save_pretrained, "o": case_o_adamw,
+         "u": case_u_b0_gradients, "v": case_v_variant_gradients, "w": case_w_binary_and_classification_gradients}
 
 
 def main(argv):
