@@ -64,6 +64,14 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, n, heads * d)
 
 
+def attention_probs(q, k, ops=layers):
+    """P = softmax(Q K^T / sqrt(d_head)) (paper Eq. 1) per head: `q: (B, heads, N, d_head)`, `k: (B, heads, N_r,
+    d_head)` -> `(B, heads, N, N_r)`. The scale is applied to Q, which is N_r / d_head times smaller than the
+    scores it would otherwise multiply; the softmax runs in place on the scores, which are not needed again."""
+    scores = (q * q.dtype.type(q.shape[-1] ** -0.5)) @ k.transpose(0, 1, 3, 2)
+    return ops.softmax(scores, out=scores)
+
+
 def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int, sr_ratio: int, ops=layers,
                              cache: dict | None = None, mode: Mode = EVAL):
     """`x: (B, N, C)` -> (output `(B, N, C)`, attention probabilities `(B, heads, N, N_reduced)`).
@@ -74,23 +82,19 @@ def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int
     the probabilities (which are returned dropped, as HF returns them) and on the output.
     """
     ps = p["self"]
-    head_dim = x.shape[-1] // num_heads
     q = split_heads(ops.linear(x, ps["query"]["weight"], ps["query"]["bias"]), num_heads)
     kv = (spatial_reduction(x, height, width, ps, sr_ratio, ops, child_cache(cache, "spatial_reduction"))
           if sr_ratio > 1 else x)
     k = split_heads(ops.linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
     v = split_heads(ops.linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
-    # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V   (paper Eq. 1). The scale is applied to Q, which is
-    # N_reduced / d_head times smaller than the scores it would otherwise multiply.
-    scores = (q * x.dtype.type(head_dim**-0.5)) @ k.transpose(0, 1, 3, 2)
-    probs = ops.softmax(scores, out=scores)  # in place: the scores are not needed again
+    probs = attention_probs(q, k, ops)  # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V  (Eq. 1)
     # HF drops whole attended tokens' weights here ("taken from the original Transformer paper")
     dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)
     context = merge_heads(dropped @ v)
     out = ops.linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
     out, out_keep = layers.dropout(out, mode.hidden_dropout, mode.rng)  # SegformerSelfOutput's dropout
-    if cache is not None:  # the backward needs the probabilities, not the scores they overwrote
-        cache.update(x=x, kv=kv, q=q, k=k, v=v, probs=probs, context=context,
+    if cache is not None:  # not the probabilities: the largest activation of a stage, recomputed by the backward
+        cache.update(x=x, kv=kv, q=q, k=k, v=v, ops=ops, context=context,
                      probs_dropout=(probs_keep, mode.attention_dropout), out_dropout=(out_keep, mode.hidden_dropout))
     return out, dropped
 
@@ -103,9 +107,13 @@ def efficient_self_attention_backward(dout, cache, height: int, width: int, num_
     read `kv` (the reduced sequence when R > 1), so their two gradients add before the spatial reduction's backward;
     the queries' gradient adds to x's directly. (The probabilities as an output are for inspection: no gradient.)
     Train mode's dropout on P: O = D(P) V, so dV = D(P)^T dO and dP = D(dO V^T), D the forward's mask and scale.
+    P itself is recomputed from Q and K with the forward's own functions (the same numbers): N x N_r per head is the
+    largest thing a stage would otherwise keep (32 MB a block in B0's stage 1 at 512 x 512, batch 2), and costs one
+    small product to make again.
     """
     ps = p["self"]
-    x, kv, q, k, v, probs = (cache[name] for name in ("x", "kv", "q", "k", "v", "probs"))
+    x, kv, q, k, v = (cache[name] for name in ("x", "kv", "q", "k", "v"))
+    probs = attention_probs(q, k, cache["ops"])
     scale = x.dtype.type((x.shape[-1] // num_heads) ** -0.5)
     dout = layers.dropout_backward(dout, *cache["out_dropout"])
     dcontext, dwo, dbo = layers.linear_backward(dout, cache["context"], p["output"]["dense"]["weight"])

@@ -22,10 +22,13 @@ def all_mlp_decode_head(stages, p: dict, ops=layers, mode: Mode = EVAL, cache: d
     (`layers.batch_norm_train`) and updates its running estimates in `p`, as torch's forward does; dropout acts
     before the classifier. `cache`: a dict to fill for `all_mlp_decode_head_backward`.
     """
-    size = stages[0].shape[1:3]
+    b, h, w, _ = stages[0].shape
+    n = len(stages)
     projected = [ops.linear(f, c["proj"]["weight"], c["proj"]["bias"]) for f, c in zip(stages, p["linear_c"])]
-    upsampled = [ops.resize_bilinear(f, size, axes=(1, 2)) for f in projected]
-    concat = np.concatenate(upsampled[::-1], axis=-1)
+    d = projected[0].shape[-1]
+    concat = np.empty((b, h, w, n * d), dtype=projected[0].dtype)
+    for i, f in enumerate(projected):  # upsampled straight into their block of the concatenation, stage n first
+        concat[..., (n - 1 - i) * d : (n - i) * d] = ops.resize_bilinear(f, (h, w), axes=(1, 2))
     fused = ops.linear(concat, p["linear_fuse"]["weight"][:, :, 0, 0])  # 1x1 conv
     bn = p["batch_norm"]
     if mode.training:
@@ -34,8 +37,8 @@ def all_mlp_decode_head(stages, p: dict, ops=layers, mode: Mode = EVAL, cache: d
     else:
         normed = ops.batch_norm(fused, bn["weight"], bn["bias"], bn["running_mean"], bn["running_var"])
     activated, keep = layers.dropout(ops.relu(normed), mode.classifier_dropout, mode.rng)
-    if cache is not None:
-        cache.update(stages=stages, concat=concat, fused=fused, normed=normed, activated=activated,
+    if cache is not None:  # the projections at their own resolution: the backward upsamples them again
+        cache.update(stages=stages, projected=projected, ops=ops, fused=fused, normed=normed, activated=activated,
                      train=mode.training, dropout=(keep, mode.classifier_dropout))
     return ops.linear(activated, p["classifier"]["weight"][:, :, 0, 0], p["classifier"]["bias"])
 
@@ -47,19 +50,28 @@ def all_mlp_decode_head_backward(dlogits, cache: dict, p: dict):
     `weight` and `bias` only (its running statistics are state, not parameters). Each step undone in reverse: the
     classifier, dropout, ReLU, BatchNorm (the batch statistics' three-term formula in train mode), the fuse conv, the
     concatenation (split in its reversed stage order), the upsampling (its adjoint) and the per-stage linears.
+    The fuse conv's input, the concatenation (4 D channels at 1/4 resolution: the head's largest array), is not
+    kept: each stage's block of it is upsampled again from the cached projection when its weight gradient is made.
     """
     classifier, fuse, bn = p["classifier"], p["linear_fuse"], p["batch_norm"]
     dactivated, dw_cls, db_cls = layers.linear_backward(dlogits, cache["activated"], classifier["weight"][:, :, 0, 0])
     dnormed = layers.relu_backward(layers.dropout_backward(dactivated, *cache["dropout"]), cache["normed"])
+    del dactivated  # (each of these full-resolution gradients goes as soon as the next exists: memory)
     if cache["train"]:
         dfused, dgamma, dbeta = layers.batch_norm_train_backward(dnormed, cache["fused"], bn["weight"])
     else:
         dfused, dgamma, dbeta = layers.batch_norm_backward(dnormed, cache["fused"], bn["weight"],
                                                            bn["running_mean"], bn["running_var"])
-    dconcat, dw_fuse, _ = layers.linear_backward(dfused, cache["concat"], fuse["weight"][:, :, 0, 0])  # no bias
-    dupsampled = np.split(dconcat, len(p["linear_c"]), axis=-1)[::-1]  # blocks in stage order 1..n again
+    del dnormed
+    n, size = len(p["linear_c"]), dfused.shape[1:3]
+    w_fuse = fuse["weight"][:, :, 0, 0]
+    d = w_fuse.shape[1] // n
+    dw_fuse = np.empty_like(w_fuse)
     dstages, linear_c = [], []
-    for f, c, dup in zip(cache["stages"], p["linear_c"], dupsampled):
+    for i, (f, c, proj) in enumerate(zip(cache["stages"], p["linear_c"], cache["projected"])):
+        block = slice((n - 1 - i) * d, (n - i) * d)  # stage i's block of the concatenation (stage n first)
+        up = cache["ops"].resize_bilinear(proj, size, axes=(1, 2))  # what the forward concatenated, again
+        dup, dw_fuse[:, block], _ = layers.linear_backward(dfused, up, w_fuse[:, block])  # the 1x1 conv, no bias
         dprojected = layers.resize_bilinear_backward(dup, f.shape[1:3], axes=(1, 2))
         df, dw, db = layers.linear_backward(dprojected, f, c["proj"]["weight"])
         dstages.append(df)

@@ -85,8 +85,8 @@ def mix_ffn(x, height: int, width: int, p: dict, ops=layers, cache: dict | None 
     a, gelu_keep = layers.dropout(a, mode.hidden_dropout, mode.rng)
     out = ops.linear(a.reshape(b, n, -1), p["dense2"]["weight"], p["dense2"]["bias"])
     out, out_keep = layers.dropout(out, mode.hidden_dropout, mode.rng)
-    if cache is not None:
-        cache.update(x=x, h=h, conv=conv, dense2_input=a, gelu_dropout=(gelu_keep, mode.hidden_dropout),
+    if cache is not None:  # not GELU's output: the backward makes it again from `conv` (one pass, 4 C channels)
+        cache.update(x=x, h=h, conv=conv, ops=ops, gelu_dropout=(gelu_keep, mode.hidden_dropout),
                      out_dropout=(out_keep, mode.hidden_dropout))
     return out
 
@@ -96,7 +96,8 @@ def mix_ffn_backward(dout, cache, height: int, width: int, p: dict):
     conv and dense1 backwards, in that order."""
     b, n, _ = dout.shape
     dout = layers.dropout_backward(dout, *cache["out_dropout"])
-    da, dw2, db2 = layers.linear_backward(dout, cache["dense2_input"].reshape(b, n, -1), p["dense2"]["weight"])
+    a = layers.dropout_backward(cache["ops"].gelu(cache["conv"]), *cache["gelu_dropout"])  # dense2's input again
+    da, dw2, db2 = layers.linear_backward(dout, a.reshape(b, n, -1), p["dense2"]["weight"])
     dgelu = layers.dropout_backward(da.reshape(b, height, width, -1), *cache["gelu_dropout"])
     dconv = layers.gelu_backward(dgelu, cache["conv"])
     dh, dwdw, dbdw = layers.depthwise_conv3x3_backward(dconv, cache["h"], p["dwconv"]["dwconv"]["weight"])

@@ -189,15 +189,18 @@ def depthwise_conv3x3(x, weight, bias):
 def depthwise_conv3x3_backward(dout, x, weight):
     """Gradients of `depthwise_conv3x3` -> (dx, dweight, dbias); `dout, x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`.
 
-    Through im2col's 9 taps per pixel, each channel on its own: out[c] = sum_t cols[t, c] w[c, t] + b[c], so
-    dweight[c, t] = sum(dout[c] cols[t, c]) over pixels, dcols[t, c] = dout[c] w[c, t], and dx = col2im(dcols).
+    out = sum over the 9 taps (ky, kx) of shift(x, ky, kx) * w[:, ky, kx] + b, each channel on its own, so
+    dweight[:, ky, kx] = sum over pixels of dout * shift(x, ky, kx), and dx is the same conv run backwards: dout
+    correlated with the kernel rotated by 180 degrees (the transpose of a stride-1, pad-1 conv is that conv).
     """
     b, h, w, c = x.shape
-    taps = weight[:, 0].reshape(c, 9).T  # (9, C), taps in im2col's (ky, kx) order
-    cols = im2col(x, 3, 1, 1).reshape(b, h, w, 9, c)
-    dweight = np.einsum("bhwtc,bhwc->ct", cols, dout).reshape(weight.shape)
-    dcols = (dout[:, :, :, None, :] * taps).reshape(b, h, w, 9 * c)
-    return im2col_backward(dcols, x.shape, 3, 1, 1), dweight, dout.sum(axis=(0, 1, 2))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    dweight = np.empty(weight.shape, dtype=x.dtype)
+    for ky in range(3):
+        for kx in range(3):
+            dweight[:, 0, ky, kx] = np.einsum("bhwc,bhwc->c", xp[:, ky : ky + h, kx : kx + w, :], dout)
+    dx = depthwise_conv3x3(dout, weight[:, :, ::-1, ::-1], np.zeros(c, dtype=dout.dtype))
+    return dx, dweight, dout.sum(axis=(0, 1, 2))
 
 
 def depthwise_conv3x3_gelu(x, weight, bias):

@@ -307,11 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead: where mininp_segformer's time goes, op by op (--decoder to pick the head)")
     p.add_argument("--decoder", default="fused", choices=["fused", "literal"], help="with --profile")
+    p.add_argument("--train", action="store_true", help="time one training step instead (tools/bench_train.py)")
+    p.add_argument("--batch", type=int, default=2, help="with --train: the batch size (default 2)")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.train:
+        from .bench_train import format_train_report, run_train_benchmark, run_train_profile
+
+        print(run_train_profile(args) if args.profile else format_train_report(run_train_benchmark(args)))
+        return 0
     if args.profile:
         print(run_profile(args))
         return 0
@@ -424,6 +431,54 @@ def format_report(r: dict) -> str:
     if r["skipped"]:
         lines.append(f"not installed, left out: {', '.join(r['skipped'])}")
     return "\n".join(lines)
+
+
+def _step_worker(framework, setup, setup_args, warmup, conn):
+    """`setup(framework, *setup_args) -> (version, step)` in this process, `warmup` steps, then answer "run" with
+    one timed step and "stop" with the peak RSS."""
+    try:
+        version, step = setup(framework, *setup_args)
+        for _ in range(warmup):
+            step()
+        conn.send(("ready", version))
+        while conn.recv() == "run":
+            t = time.perf_counter()
+            step()
+            conn.send(time.perf_counter() - t)
+        conn.send(_peak_rss_mb())
+    except Exception as e:  # report, don't hang the coordinator
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_workers(frameworks, setup, setup_args, runs, warmup) -> dict:
+    """One worker process per framework (`_step_worker`), timed steps alternating between them round-robin.
+    Returns {framework: {"version", "times", "median_s", "peak_rss_mb"} or {"error"}}."""
+    ctx = mp.get_context("spawn")
+    workers, results = {}, {}
+    for fw in frameworks:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_step_worker, args=(fw, setup, setup_args, warmup, child), daemon=True)
+        proc.start()
+        workers[fw] = (proc, parent)
+    for fw, (proc, conn) in list(workers.items()):
+        status, version = conn.recv()
+        if status == "error":
+            results[fw] = {"error": version}
+            proc.join()
+            del workers[fw]
+            continue
+        results[fw] = {"version": version, "times": []}
+    for _ in range(runs):
+        for fw, (_, conn) in workers.items():
+            time.sleep(0.5)  # let the previous framework's spinning threads go idle (see time_frameworks)
+            conn.send("run")
+            results[fw]["times"].append(conn.recv())
+    for fw, (proc, conn) in workers.items():
+        conn.send("stop")
+        results[fw]["peak_rss_mb"] = conn.recv()
+        proc.join()
+        results[fw]["median_s"] = statistics.median(results[fw]["times"])
+    return results
 
 
 if __name__ == "__main__":
