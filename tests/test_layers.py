@@ -103,6 +103,23 @@ def test_depthwise_conv_kernels_equal_their_twins(shape):
     assert_within("depthwise+gelu kernel vs gelu(twin)", fused, layers.gelu(ref), 2.5e-7 * np.abs(ref) + 1.13 * bound)
 
 
+def test_backward_kernels_equal_their_twins():
+    """The two backward twins the numba backend uses in training: GELU's (float64 inside both, rounded once) and the depthwise conv's (dx a rotated-kernel conv: the forward's bound; dweight, dbias the same code)."""
+    x, dout = randn(2, 9, 11, 24) * 3, randn(2, 9, 11, 24)
+    ref = layers.gelu_backward(dout, x)
+    # 1 ulp of the result, plus float64's own rounding where Phi(x) + x phi(x) cancels to 0 (x near -0.75)
+    bound = F32_EPS * np.abs(ref) + 1e-15 * np.abs(dout)
+    assert_within("gelu_backward kernel vs twin", kernels.gelu_backward(dout, x), ref, bound)
+    w = randn(24, 1, 3, 3)
+    got, want = kernels.depthwise_conv3x3_backward(dout, x, w), layers.depthwise_conv3x3_backward(dout, x, w)
+    dense = np.zeros((24, 24, 3, 3), dtype=np.float32)
+    dense[np.arange(24), np.arange(24)] = w[:, 0, ::-1, ::-1]
+    bound = 2 * float32_sum_bound(conv2d_direct(np.abs(dout), np.abs(dense), np.zeros(24), 1, 1), 9)
+    assert_within("depthwise backward dx kernel vs twin", got[0], want[0], bound)
+    for a, b in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("shape,k,stride,pad", [((2, 13, 17, 3), 7, 4, 3), ((1, 9, 6, 5), 3, 2, 1),
                                                 ((2, 16, 24, 4), 8, 8, 0), ((1, 3, 3, 2), 3, 2, 1)])
 def test_im2col_and_conv_kernels_equal_their_twins(shape, k, stride, pad):

@@ -99,8 +99,9 @@ def mix_ffn_backward(dout, cache, height: int, width: int, p: dict):
     a = layers.dropout_backward(cache["ops"].gelu(cache["conv"]), *cache["gelu_dropout"])  # dense2's input again
     da, dw2, db2 = layers.linear_backward(dout, a.reshape(b, n, -1), p["dense2"]["weight"])
     dgelu = layers.dropout_backward(da.reshape(b, height, width, -1), *cache["gelu_dropout"])
-    dconv = layers.gelu_backward(dgelu, cache["conv"])
-    dh, dwdw, dbdw = layers.depthwise_conv3x3_backward(dconv, cache["h"], p["dwconv"]["dwconv"]["weight"])
+    ops = cache["ops"]  # the forward's: the numba backend has twins of these two
+    dconv = ops.gelu_backward(dgelu, cache["conv"])
+    dh, dwdw, dbdw = ops.depthwise_conv3x3_backward(dconv, cache["h"], p["dwconv"]["dwconv"]["weight"])
     dx, dw1, db1 = layers.linear_backward(dh.reshape(b, n, -1), cache["x"], p["dense1"]["weight"])
     return dx, {"dense1": {"weight": dw1, "bias": db1}, "dwconv": {"dwconv": {"weight": dwdw, "bias": dbdw}},
                 "dense2": {"weight": dw2, "bias": db2}}

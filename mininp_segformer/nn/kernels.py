@@ -19,6 +19,7 @@ Two transcendental functions are spelled out because numba would otherwise call 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -29,7 +30,8 @@ from numba import njit, prange
 from numba.core import event
 
 from ..config import LAYER_NORM_EPS
-from .layers import batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix, relu, resize_bilinear  # noqa: F401
+from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
+                     depthwise_conv3x3_weight_grad, relu, resize_bilinear)
 
 TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
@@ -386,3 +388,36 @@ def resized_argmax(logits, size):
     j0, j1, tw, _ = bilinear_taps(w, out_w)
     with _LOCK:
         return _resized_argmax(x, i0, i1, th, j0, j1, tw)
+
+
+# ---- backward twins: what training measured to pay (docs/performance.md, "Training") -----------------------------
+
+TWINS += ("gelu_backward", "depthwise_conv3x3_backward")
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+@njit(parallel=True, **_FLAGS)
+def _gelu_backward(dout, x):
+    """dout * (Phi(x) + x phi(x)) elementwise, in float64 through libm's erf, rounded once to float32."""
+    d, v = dout.reshape(-1), x.reshape(-1)
+    out = np.empty(v.size, np.float32)
+    for i in prange(v.size):
+        xi = np.float64(v[i])
+        cdf = 0.5 * (1.0 + math.erf(xi * _SQRT_HALF))  # as layers.gelu_backward writes it
+        out[i] = np.float32(d[i] * (cdf + xi * math.exp(-0.5 * xi * xi) * _INV_SQRT_2PI))
+    return out.reshape(x.shape)
+
+
+def gelu_backward(dout, x):
+    """Gradient of the exact GELU, one parallel pass (twin of `layers.gelu_backward`)."""
+    dout, x = _f32(dout), _f32(x)
+    with _LOCK:
+        return _gelu_backward(dout, x)
+
+
+def depthwise_conv3x3_backward(dout, x, weight):
+    """Gradients of `depthwise_conv3x3` (twin of `layers.depthwise_conv3x3_backward`): dx is the numba conv with the
+    kernel rotated by 180 degrees, dweight `layers.depthwise_conv3x3_weight_grad`."""
+    dx = depthwise_conv3x3(dout, weight[:, :, ::-1, ::-1], np.zeros(x.shape[-1], dtype=np.float32))
+    return dx, depthwise_conv3x3_weight_grad(dout, x), dout.sum(axis=(0, 1, 2))

@@ -193,14 +193,20 @@ def depthwise_conv3x3_backward(dout, x, weight):
     dweight[:, ky, kx] = sum over pixels of dout * shift(x, ky, kx), and dx is the same conv run backwards: dout
     correlated with the kernel rotated by 180 degrees (the transpose of a stride-1, pad-1 conv is that conv).
     """
+    dx = depthwise_conv3x3(dout, weight[:, :, ::-1, ::-1], np.zeros(x.shape[-1], dtype=dout.dtype))
+    return dx, depthwise_conv3x3_weight_grad(dout, x), dout.sum(axis=(0, 1, 2))
+
+
+def depthwise_conv3x3_weight_grad(dout, x):
+    """dweight of `depthwise_conv3x3`, `(C, 1, 3, 3)`: per tap (ky, kx), the sum over pixels of dout times the
+    input shifted by that tap (each channel on its own)."""
     b, h, w, c = x.shape
     xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dweight = np.empty(weight.shape, dtype=x.dtype)
+    dweight = np.empty((c, 1, 3, 3), dtype=x.dtype)
     for ky in range(3):
         for kx in range(3):
             dweight[:, 0, ky, kx] = np.einsum("bhwc,bhwc->c", xp[:, ky : ky + h, kx : kx + w, :], dout)
-    dx = depthwise_conv3x3(dout, weight[:, :, ::-1, ::-1], np.zeros(c, dtype=dout.dtype))
-    return dx, dweight, dout.sum(axis=(0, 1, 2))
+    return dweight
 
 
 def depthwise_conv3x3_gelu(x, weight, bias):
