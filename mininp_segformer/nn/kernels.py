@@ -287,12 +287,53 @@ def _resized_argmax(x, i0, i1, th, j0, j1, tw, seg, start, stop):
             seg[i, j] = best
 
 
+@njit(cache=True, nogil=True)  # no fastmath: numpy's operations in numpy's order, so the same bits as the twin
+def _window_average(logits, y0, x0, slots, i0, i1, th, j0, j1, tw, count_y, count_x, argmax, out, seg, row0,
+                    start, stop):
+    """Rows row0 + start : row0 + stop of mmseg's slide average (see `window_average`), written to `out[start:stop]`
+    or, with `argmax`, as class ids to `seg[start:stop]`. Each output row is summed in a buffer of its own: every
+    covering window, resized to the window (width first, then height, as `layers.resize_bilinear`), is added in
+    window order."""
+    wh, ww, width, c = th.shape[0], tw.shape[0], count_x.shape[0], logits.shape[3]
+    buf = np.empty((width, c), np.float32)
+    for k in range(start, stop):
+        i = row0 + k
+        acc = buf if argmax else out[k]
+        acc[:] = 0
+        for s in slots:
+            r = i - y0[s]
+            if r < 0 or r >= wh:
+                continue
+            ta, tb = np.float32(1) - th[r], th[r]
+            la, lb, left = logits[s, i0[r]], logits[s, i1[r]], x0[s]  # locals, so that LLVM vectorises over ch
+            for q in range(ww):
+                p0, p1, ua, ub, o = j0[q], j1[q], np.float32(1) - tw[q], tw[q], left + q
+                for ch in range(c):
+                    wa = la[p0, ch] * ua + la[p1, ch] * ub
+                    wb = lb[p0, ch] * ua + lb[p1, ch] * ub
+                    acc[o, ch] += wa * ta + wb * tb
+        for j in range(width):
+            count = count_y[i] * count_x[j]
+            for ch in range(c):
+                acc[j, ch] /= count
+            if argmax:
+                best = 0
+                for ch in range(1, c):
+                    if acc[j, ch] > acc[j, best]:  # strictly greater: ties go to the first class, as np.argmax
+                        best = ch
+                seg[k, j] = best
+
+
 # ---- the public kernels: the signatures of their twins in layers.py ------------------------------------------------
 # Each hands its compiled kernel C-contiguous float32 arrays of a fixed number of dimensions (rows of 2-D, maps of
 # 4-D), so that numba compiles one specialisation per kernel, and splits the rows across threads (`parallel_rows`).
 
 def _f32(x):
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _ints(x):
+    return np.ascontiguousarray(x, dtype=np.int64)
 
 
 def _rows(x):
@@ -391,6 +432,31 @@ def add_resized(out, x):
     if acc is not out:
         out[...] = acc
     return out
+
+
+def window_average(logits, origins, slots, window, counts, rows, argmax=False):
+    """Rows `rows = (start, stop)` of mmseg's slide average: at each pixel, the sum of the logits of the windows
+    covering it, each bilinearly resized to the window's size, divided by the number of windows there; the same
+    bits as `inference.window_average_numpy`, its readable twin.
+
+    `logits: (K, h, w, C)`: the channels-last logits of K window slots; `origins: (K, 2)`: the (y0, x0) of each
+    slot's window; `slots`: the slots to sum, in the order to sum them; `window`: (height, width) of every window;
+    `counts`: (count_y `(H,)`, count_x `(W,)`) float32, the windows covering each row and column. Returns
+    `(stop - start, W, C)` float32, or with `argmax` the `(stop - start, W)` int64 class ids of it (the scores are
+    then never written to memory).
+    """
+    (start, stop), (count_y, count_x) = rows, counts
+    _, h, w, c = logits.shape
+    i0, i1, th, _ = bilinear_taps(h, window[0])
+    j0, j1, tw, _ = bilinear_taps(w, window[1])
+    width = count_x.shape[0]
+    out = np.empty((0 if argmax else stop - start, width, c), np.float32)
+    seg = np.empty((stop - start if argmax else 0, width), np.int64)
+    origins = np.asarray(origins, dtype=np.int64)
+    parallel_rows(_window_average, stop - start, _f32(logits), _ints(origins[:, 0]), _ints(origins[:, 1]),
+                  _ints(slots), i0, i1, th, j0, j1, tw, _f32(count_y), _f32(count_x), argmax, out, seg, start,
+                  row_size=width * c * 4)
+    return seg if argmax else out
 
 
 def resized_argmax(logits, size):
