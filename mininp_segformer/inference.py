@@ -220,14 +220,16 @@ def whole_bands(model, rgb, resize: str, size, band_rows: int = BAND_ROWS):
     return resize_bands(at_input, rgb.shape[0], size, band_rows)
 
 
-def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=None, argmax: bool = False):
+def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=None, argmax: bool = False,
+                average=None):
     """mmseg's slide_inference on `rgb: (H, W, 3)` as a band stream of the averaged logits `(rows, W, C)`, or with
     `argmax` of their class ids `(rows, W)` int64.
 
     `crop`, `stride`: (height, width). Windows are run a row of windows at a time (one window per forward pass:
     batching them measured slower, docs/performance.md); their logits stay at the network's output resolution, in
     slots for the rows of windows that can still cover an unfinished output row, until the output rows they cover
-    are finished (`window_average`). `on_window()` is called after each window (progress).
+    are finished (`average`: `kernels.window_average` on the numba backend, else `window_average_numpy`).
+    `on_window()` is called after each window (progress).
     """
     h, w = rgb.shape[:2]
     rows = window_spans(h, crop[0], stride[0])
@@ -235,7 +237,7 @@ def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=
     counts = _coverage(rows, h), _coverage(cols, w)
     window = (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0])  # every window has this size
     held = min(len(rows), slide_rows_held(crop, stride))  # rows of windows that can overlap an unfinished row
-    average = window_average if model.backend == "numba" else window_average_numpy
+    average = average or (window_average if model.backend == "numba" else window_average_numpy)
     logits, origins, done = None, np.zeros((held * len(cols), 2), dtype=np.int64), 0
     for k, (y0, y1) in enumerate(rows):
         slot = (k % held) * len(cols)  # overwrites row k - held, which no unfinished row needs (slide_rows_held)

@@ -64,12 +64,11 @@ def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
-    """The pool, with at least `workers` threads (made anew when more are needed)."""
+    """The pool, with at least `workers` threads (made anew when more are needed: the old one's threads exit once
+    no caller holds it any more)."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)  # its threads finish what they run and exit
             _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer"), workers
         return _pool
 

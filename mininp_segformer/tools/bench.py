@@ -177,10 +177,66 @@ def predict_process(framework, model_dir, onnx_path, threads) -> dict:
         + "print(json.dumps({'seconds': time.perf_counter() - t0, "
         "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_process([sys.executable, "-c", code])
+    return r if "error" in r else json.loads(r.pop("stdout").strip().splitlines()[-1])
+
+
+def run_process(command, env=None, timeout: float = 3600) -> dict:
+    """Run `command`; returns its wall `seconds`, `cpu_seconds` (user + system) and `stdout`, or {"error": the last
+    line of its stderr}."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "stdout": r.stdout}
+
+
+def cold_start(threads: int) -> dict:
+    """The README's first command -- the bundled demo model on its example scene, with an overlay -- twice, each in
+    a fresh process: first with an empty numba cache (a fresh install: the kernels compile), then with the cache
+    the first run left (every later run). Returns {"cold": run_process's dict, "warm": ...}."""
+    from ..hub import resolve
+
+    image = resolve("segformer-b0-shapes") / "example_scene.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tmp) / "numba_cache"))
+        command = [sys.executable, "-m", "mininp_segformer", "predict", str(image), "--model", "segformer-b0-shapes",
+                   "--overlay", "--overlay-format", "png", "--out", str(Path(tmp) / "out"), "--threads",
+                   str(threads), "-q"]
+        return {run: run_process(command, env) for run in ("cold", "warm")}
+
+
+_SLIDE_SNIPPET = """
+import json, resource, time
+import numpy as np
+import mininp_segformer as ms
+from mininp_segformer import inference
+ms.set_num_threads({threads})
+model = ms.load({model_dir!r})
+rgb = np.random.default_rng(0).integers(0, 256, ({h}, {w}, 3), dtype=np.uint8)
+crop, stride = inference.slide_geometry(model)
+average = {average}
+inference.segment(rgb[:crop[0], :crop[1]], model, mode="slide", crop=crop)  # kernels loaded (or compiled) first
+t = time.perf_counter()
+seg = inference.stack_bands(inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average), (rgb.shape[:2]))
+print(json.dumps({{"slide_seconds": time.perf_counter() - t, "windows": inference.window_count({h}, crop[0], stride[0])
+                  * inference.window_count({w}, crop[1], stride[1]), "crop": crop, "stride": stride,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def slide_processes(model_dir: str, size, threads: int) -> dict:
+    """`segment(photo, model, mode="slide")` with the default windows on a random `size = (H, W)` photo, in a fresh
+    process each: "numpy" averages the windows with `inference.window_average_numpy` (in NumPy, as before the
+    kernel), "kernel" with `kernels.window_average` (what `segment` runs). Each: seconds, windows, peak RSS."""
+    runs = {}
+    for name, average in (("numpy", "inference.window_average_numpy"), ("kernel", "None")):
+        code = _SLIDE_SNIPPET.format(threads=threads, model_dir=model_dir, h=size[0], w=size[1], average=average)
+        r = run_process([sys.executable, "-c", code])
+        runs[name] = r if "error" in r else json.loads(r["stdout"].strip().splitlines()[-1])
+    return runs
 
 
 # What the profile attributes time to. Components are the network's functions that the forward pass calls by name
@@ -307,6 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead: where mininp_segformer's time goes, op by op (--decoder to pick the head)")
     p.add_argument("--decoder", default="fused", choices=["fused", "literal"], help="with --profile")
+    p.add_argument("--cold-start", action="store_true",
+                   help="instead: the README's first command in fresh processes, with an empty numba cache and again")
+    p.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
+                   help="instead: slide mode on an H x W photo (e.g. 4000 6000), the window average in NumPy and in "
+                        "its kernel")
     return p
 
 
@@ -314,6 +375,14 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.profile:
         print(run_profile(args))
+        return 0
+    if args.cold_start:
+        print(format_cold_start(cold_start(args.threads), args.threads))
+        return 0
+    if args.slide:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, _ = prepare_model(args, Path(tmp))
+            print(format_slide(slide_processes(model_dir, args.slide, args.threads), args))
         return 0
     report = run_benchmark(args)
     print(format_report(report))
@@ -392,6 +461,34 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+
+
+def format_cold_start(runs: dict, threads: int) -> str:
+    lines = [f"The README's first command in a fresh process, {threads} thread(s); {machine()}",
+             f"{'numba cache':<40}{'wall s':>8}{'CPU s':>8}"]
+    for run, label in (("cold", "empty (first run after an install)"), ("warm", "as the first run left it")):
+        r = runs[run]
+        lines.append(f"{label:<40}" + (r["error"] if "error" in r else f"{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}"))
+    return "\n".join(lines)
+
+
+def format_slide(runs: dict, args) -> str:
+    ok = {name: r for name, r in runs.items() if "error" not in r}
+    first = next(iter(ok.values()), {})
+    lines = [f"slide mode on a {args.slide[0]} x {args.slide[1]} photo, {args.model or args.variant} "
+             f"({args.num_labels} labels), crop {first.get('crop')} stride {first.get('stride')}, "
+             f"{first.get('windows')} windows, {args.threads} thread(s); {machine()}",
+             f"{'window average':<28}{'seconds':>9}{'s/window':>10}{'peak RSS':>10}{'speed-up':>10}"]
+    for name, label in (("numpy", "NumPy (before the kernel)"), ("kernel", "kernels.window_average")):
+        r = runs[name]
+        if "error" in r:
+            lines.append(f"{label:<28}{r['error']}")
+            continue
+        ratio = (f"{runs['numpy']['slide_seconds'] / r['slide_seconds']:.2f}x"
+                 if name == "kernel" and "numpy" in ok else "")
+        lines.append(f"{label:<28}{r['slide_seconds']:>9.1f}{r['slide_seconds'] / r['windows']:>10.3f}"
+                     f"{r['peak_rss_mb']:>7.0f} MB{ratio:>10}")
+    return "\n".join(lines)
 
 
 def format_report(r: dict) -> str:
