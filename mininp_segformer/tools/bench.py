@@ -3,6 +3,8 @@
     python -m mininp_segformer.tools.bench                         # B0 at 512 x 512, random weights
     python -m mininp_segformer.tools.bench --variant b2 --runs 10
     python -m mininp_segformer.tools.bench --model path/to/checkpoint --threads 2
+    python -m mininp_segformer.tools.bench --cold-start            # README's first command, empty numba cache
+    python -m mininp_segformer.tools.bench --slide 4000 6000       # slide mode, window average in NumPy vs kernel
 
 Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
 between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
@@ -220,7 +222,8 @@ crop, stride = inference.slide_geometry(model)
 average = {average}
 inference.segment(rgb[:crop[0], :crop[1]], model, mode="slide", crop=crop)  # kernels loaded (or compiled) first
 t = time.perf_counter()
-seg = inference.stack_bands(inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average), (rgb.shape[:2]))
+bands = inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average)
+seg = inference.stack_bands(bands, rgb.shape[:2])
 print(json.dumps({{"slide_seconds": time.perf_counter() - t, "windows": inference.window_count({h}, crop[0], stride[0])
                   * inference.window_count({w}, crop[1], stride[1]), "crop": crop, "stride": stride,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
