@@ -39,6 +39,7 @@ import math
 import numpy as np
 
 from .nn.encoder import stage_sizes
+from .nn.kernels import window_average
 from .nn.layers import bilinear_taps, resize_rows, softmax
 from .memory import FLOAT32, check_memory
 from .model import SLIDE_HINT
@@ -169,10 +170,15 @@ def _drop_rows_above(buf, offset: int, row: int):
 
 def argmax_bands(bands, size) -> np.ndarray:
     """The class map `(H, W)` int64 of a band stream of scores at size (H, W): argmax over classes, band by band."""
+    return stack_bands((block.argmax(axis=-1) for block in bands), size)
+
+
+def stack_bands(blocks, size) -> np.ndarray:
+    """The `(H, W)` int64 map whose consecutive rows the `(rows, W)` blocks are."""
     seg = np.empty(size, dtype=np.int64)
     row = 0
-    for block in bands:
-        seg[row : row + block.shape[0]] = block.argmax(axis=-1)
+    for block in blocks:
+        seg[row : row + block.shape[0]] = block
         row += block.shape[0]
     if row != size[0]:
         raise RuntimeError(f"the score stream ended after {row} of {size[0]} rows")
@@ -214,46 +220,63 @@ def whole_bands(model, rgb, resize: str, size, band_rows: int = BAND_ROWS):
     return resize_bands(at_input, rgb.shape[0], size, band_rows)
 
 
-def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=None):
-    """mmseg's slide_inference on `rgb: (H, W, 3)` as a band stream of the averaged logits `(rows, W, C)`.
+def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=None, argmax: bool = False,
+                average=None):
+    """mmseg's slide_inference on `rgb: (H, W, 3)` as a band stream of the averaged logits `(rows, W, C)`, or with
+    `argmax` of their class ids `(rows, W)` int64.
 
-    `crop`, `stride`: (height, width). Windows are run a row of windows at a time; their logits stay at the
-    network's output resolution until the output rows they cover are finished. `on_window()` is called after
-    each window (progress).
+    `crop`, `stride`: (height, width). Windows are run a row of windows at a time (one window per forward pass:
+    batching them measured slower, docs/performance.md); their logits stay at the network's output resolution, in
+    slots for the rows of windows that can still cover an unfinished output row, until the output rows they cover
+    are finished (`average`: `kernels.window_average` on the numba backend, else `window_average_numpy`).
+    `on_window()` is called after each window (progress).
     """
     h, w = rgb.shape[:2]
     rows = window_spans(h, crop[0], stride[0])
     cols = window_spans(w, crop[1], stride[1])
-    count_y, count_x = _coverage(rows, h), _coverage(cols, w)
-    active, done = [], 0  # active: (y0, y1, x0, x1, logits) of windows that reach below row `done`
+    counts = _coverage(rows, h), _coverage(cols, w)
+    window = (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0])  # every window has this size
+    held = min(len(rows), slide_rows_held(crop, stride))  # rows of windows that can overlap an unfinished row
+    average = average or (window_average if model.backend == "numba" else window_average_numpy)
+    logits, origins, done = None, np.zeros((held * len(cols), 2), dtype=np.int64), 0
     for k, (y0, y1) in enumerate(rows):
-        for x0, x1 in cols:
-            active.append((y0, y1, x0, x1, image_logits(model, rgb[y0:y1, x0:x1])))
+        slot = (k % held) * len(cols)  # overwrites row k - held, which no unfinished row needs (slide_rows_held)
+        for c, (x0, x1) in enumerate(cols):
+            out = image_logits(model, rgb[y0:y1, x0:x1])
+            if logits is None:
+                logits = np.empty((len(origins),) + out.shape, dtype=np.float32)
+            logits[slot + c], origins[slot + c] = out, (y0, x0)
             if on_window is not None:
                 on_window()
+        # the windows held, oldest row first and left to right: mmseg's order of summing
+        slots = [(m % held) * len(cols) + c for m in range(max(0, k + 1 - held), k + 1) for c in range(len(cols))]
         finished = rows[k + 1][0] if k + 1 < len(rows) else h  # no later window starts above this row
         for start in range(done, finished, band_rows):
-            stop = min(start + band_rows, finished)
-            average = _window_average(active, start, stop, w)
-            count = count_y[start:stop, None] * count_x
-            if count.max() > 1:  # x / 1 is x: windows that do not overlap need no division
-                average /= count[:, :, None]
-            yield average
+            yield average(logits, origins, slots, window, counts, (start, min(start + band_rows, finished)), argmax)
         done = finished
-        active = [a for a in active if a[1] > done]
 
 
-def _window_average(active, start: int, stop: int, width: int) -> np.ndarray:
-    """Rows start:stop of the sum over windows of their logits resized to the window (mmseg's `preds`)."""
-    acc = None
-    for y0, y1, x0, x1, logits in active:
-        lo, hi = max(start, y0), min(stop, y1)
-        if lo >= hi:
-            continue
-        if acc is None:
-            acc = np.zeros((stop - start, width, logits.shape[-1]), dtype=np.float32)
-        acc[lo - start : hi - start, x0:x1] += resize_rows(logits, (y1 - y0, x1 - x0), lo - y0, hi - y0)
-    return acc
+def slide_rows_held(crop, stride) -> int:
+    """Rows of windows whose logits `slide_bands` keeps: the ceil(crop / stride) rows that can cover an output row,
+    and the row being run. Enough for mmseg's last row too, which is pushed back to end at the image's edge: row
+    k - held ends at (k - held) stride + crop <= (k - 1) stride, before the last row starts (H - crop > (k - 1)
+    stride, or there would be no k-th row)."""
+    return -(-crop[0] // stride[0]) + 1
+
+
+def window_average_numpy(logits, origins, slots, window, counts, rows, argmax=False) -> np.ndarray:
+    """`kernels.window_average` in NumPy, its readable twin: rows `rows = (start, stop)` of the sum over the
+    windows in `slots` of their logits resized to the window (mmseg's `preds`), divided by the number of windows at
+    each pixel (its `count_mat`); with `argmax`, the class ids of it. See `kernels.window_average` for the rest."""
+    (start, stop), (count_y, count_x) = rows, counts
+    acc = np.zeros((stop - start, len(count_x), logits.shape[-1]), dtype=np.float32)
+    for s in slots:
+        (y0, x0), (wh, ww) = origins[s], window
+        lo, hi = max(start, y0), min(stop, y0 + wh)
+        if lo < hi:
+            acc[lo - start : hi - start, x0 : x0 + ww] += resize_rows(logits[s], window, lo - y0, hi - y0)
+    acc /= (count_y[start:stop, None] * count_x)[:, :, None]
+    return acc.argmax(axis=-1) if argmax else acc
 
 
 def slide_logits(model, image, crop=None, stride=None) -> np.ndarray:
@@ -329,7 +352,7 @@ def segment_bytes(model, size, sizes, runs_per_scale: int, mode: str, crop=None,
         the photo and its class map        H W (3 + 8)          uint8 RGB, int64 ids
         per scale: the resized photo       h w 3                its mirrored run shares it
         per run, float32: the logits held  whole: the network's output, (h/4) (w/4) C; slide: the windows of
-                                           ceil(crop / stride) + 1 rows, each (crop/4)^2 C
+                                           `slide_rows_held` rows, each (crop/4)^2 C
                           bands in flight  3 x band_rows W C    resized, softmax, running sum
         one forward pass                   the largest whole image, or one crop window (`model.forward_bytes`)
     """
@@ -341,9 +364,9 @@ def segment_bytes(model, size, sizes, runs_per_scale: int, mode: str, crop=None,
         if mode == "whole":
             held = classes * math.prod(stage_sizes(model.config, *s)[0])
         else:
-            rows = -(-crop[0] // stride[0]) + 1
+            rows = min(slide_rows_held(crop, stride), window_count(s[0], crop[0], stride[0]))
             window = classes * math.prod(stage_sizes(model.config, *crop)[0])
-            held = min(rows, window_count(s[0], crop[0], stride[0])) * window_count(s[1], crop[1], stride[1]) * window
+            held = rows * window_count(s[1], crop[1], stride[1]) * window
         total += runs_per_scale * FLOAT32 * (held + 3 * band_rows * w * classes)
     inputs = sizes if mode == "whole" else [crop]
     return int(total + max(model.forward_bytes(1, *s) for s in inputs))
@@ -392,6 +415,8 @@ def segment(image, model, mode: str = "whole", crop=None, stride=None, resize: s
     runs = [window_count(s[0], crop[0], stride[0]) * window_count(s[1], crop[1], stride[1])
             if mode == "slide" else 1 for s in sizes] * len(flips)
     counter = _run_counter(sum(runs), progress)
+    if mode == "slide" and len(runs) == 1 and sizes[0] == size:  # the argmax in the kernel: no score bands at all
+        return stack_bands(slide_bands(model, rgb, crop, stride, band_rows, counter, argmax=True), size)
     streams = []
     for s in sizes:
         scaled = resize_image(rgb, s)

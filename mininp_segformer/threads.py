@@ -1,13 +1,26 @@
 """Threads and CPU code paths: the numba kernels' threads and BLAS's together, and what a run's float32 rounding
-depends on (for logs and bug reports)."""
+depends on (for logs and bug reports).
+
+The kernels are compiled as plain serial loops over a range of rows that release the GIL (`nogil=True`);
+`parallel_rows` runs one block of rows per thread on a small thread pool. numba's own `parallel=True` (prange) would
+do the same, but compiles each kernel 4-7 times slower, and that compile is what a fresh install waits for
+(docs/performance.md, "Cold start").
+"""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import llvmlite.binding as llvm
 import numba
+
+MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth handing to another thread (~20 us)
+_threads = None  # set_num_threads's n; None: every core numba may use
+_pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use
+_pool_lock = threading.Lock()
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -15,11 +28,59 @@ def set_num_threads(n: int | None = None) -> int:
 
     Also read at import from the environment variable MININP_SEGFORMER_THREADS.
     """
+    global _threads
     n = int(n or os.cpu_count() or 1)
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(n)
+    numba.set_num_threads(n)  # for any kernel compiled with parallel=True
     _set_blas_threads(n)
+    _threads = n
     return n
+
+
+def get_num_threads() -> int:
+    """The threads `parallel_rows` uses: `set_num_threads`'s, else every core numba may use."""
+    return _threads or max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
+
+
+def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
+    """Run `kernel(*args, start, stop)` over the rows 0:rows, split into one contiguous block per thread.
+
+    The first block runs in the calling thread, the others on the pool; `kernel` must release the GIL (numba's
+    `nogil=True`) for them to run at once. Fewer blocks when a block would hold fewer than MIN_BLOCK elements
+    (`row_size`: elements per row). Blocks write disjoint rows, so the result does not depend on the split.
+    """
+    blocks = max(1, min(get_num_threads(), rows, rows * row_size // MIN_BLOCK))
+    if blocks == 1:
+        kernel(*args, 0, rows)
+        return
+    bounds = [rows * k // blocks for k in range(blocks + 1)]
+    pool = _worker_pool(blocks - 1)
+    others = [pool.submit(kernel, *args, bounds[k], bounds[k + 1]) for k in range(1, blocks)]
+    try:
+        kernel(*args, bounds[0], bounds[1])
+    finally:
+        for f in others:
+            f.result()
+
+
+def _worker_pool(workers: int) -> ThreadPoolExecutor:
+    """The pool, with at least `workers` threads (made anew when more are needed: the old one's threads exit once
+    no caller holds it any more)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool_size < workers:
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer"), workers
+        return _pool
+
+
+def _forget_pool() -> None:
+    """In a forked child the parent's pool threads do not exist: start over (a new lock too, it may be held)."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _set_blas_threads(n: int) -> None:

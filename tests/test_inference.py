@@ -236,3 +236,44 @@ def test_6000x4000_slide_peak_memory(tmp_path):
     assert seg.mode == "P" and seg.size == (6000, 4000)
     assert int(np.asarray(seg).max()) < 150
     assert peak_mb < 2048
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The slide average: the numba kernel and its NumPy twin
+
+
+@pytest.mark.parametrize("argmax", [False, True])
+def test_window_average_kernel_equals_its_twin(argmax):
+    """kernels.window_average and inference.window_average_numpy: the same bits, scores and class ids, on windows
+    of 3 rows of slots summed in a rotated order, rows that two or three windows cover, and empty slots left out."""
+    from mininp_segformer.nn import kernels
+
+    rng = np.random.default_rng(2)
+    h, w, crop, stride = 70, 90, (24, 30), (10, 20)
+    rows, cols = inf.window_spans(h, crop[0], stride[0]), inf.window_spans(w, crop[1], stride[1])
+    logits = rng.standard_normal((3 * len(cols), 6, 8, 5), dtype=np.float32)
+    origins = np.array([(rows[k][0], x0) for k in (3, 4, 2) for x0, _ in cols])  # slots hold rows 3, 4, 2
+    slots = [s + 2 * len(cols) for s in range(len(cols))] + list(range(2 * len(cols)))  # rows 2, 3, 4
+    counts = inf._coverage(rows, h), inf._coverage(cols, w)
+    band = (rows[4][0] - 7, rows[4][0] + 5)  # covered by rows 2 and 3, then by 2, 3 and 4
+    ours = kernels.window_average(logits, origins, slots, crop, counts, band, argmax)
+    twin = inf.window_average_numpy(logits, origins, slots, crop, counts, band, argmax)
+    assert ours.shape == ((12, w) if argmax else (12, w, 5))
+    np.testing.assert_array_equal(ours, twin)
+
+
+def test_slide_keeps_few_rows_of_windows_and_any_backend_gives_mmseg(model, photo):
+    """Many rows of windows (their slots reused), the last pushed back to the edge: still mmseg's numbers, bit for
+    bit, on the numba backend (kernels.window_average) and through the NumPy twin."""
+    photo = np.random.default_rng(6).integers(0, 256, size=(150, 109, 3), dtype=np.uint8)
+    crop, stride = (32, 40), (19, 23)
+    rows = inf.window_spans(150, 32, 19)
+    assert len(rows) > inf.slide_rows_held(crop, stride) + 2 and rows[-1][0] - rows[-2][0] < 19
+    ref = mmseg_slide_reference(model, photo, crop, stride)
+    np.testing.assert_array_equal(inf.slide_logits(model, photo, crop, stride), ref)
+    np.testing.assert_array_equal(inf.segment(photo, model, mode="slide", crop=crop, stride=stride),
+                                  ref.argmax(axis=0))
+    numpy_model = ms.Segformer(model.config, model.state_dict(), image_size=model.image_size, backend="numpy")
+    ref = mmseg_slide_reference(numpy_model, photo, crop, stride)
+    np.testing.assert_array_equal(inf.segment(photo, numpy_model, mode="slide", crop=crop, stride=stride),
+                                  ref.argmax(axis=0))

@@ -257,10 +257,10 @@ def test_set_num_threads_sets_numba_and_blas_together():
 
     try:
         assert threads.set_num_threads(1) == 1
-        assert numba.get_num_threads() == 1 and blas_threads() == 1
+        assert numba.get_num_threads() == 1 and blas_threads() == 1 and threads.get_num_threads() == 1
         n = threads.set_num_threads()  # default: every core
         assert n == min(os.cpu_count(), numba.config.NUMBA_NUM_THREADS)
-        assert numba.get_num_threads() == n and blas_threads() == n
+        assert numba.get_num_threads() == n and blas_threads() == n and threads.get_num_threads() == n
     finally:
         threads.set_num_threads()
 

@@ -4,9 +4,13 @@
 (BatchNorm, ReLU, the bilinear resize: NumPy does them as fast) are taken from `layers` as they are, so that this
 module is a complete `ops` namespace for the network (`backend="numba"`), float32 only.
 
-They work on channels-last float32 arrays, run their outer loop in parallel over rows (`prange`), and keep the
-inner loop over channels free of calls and branches so LLVM turns it into SIMD code. Compiled on first use and
-cached on disk (`cache=True`), so only the first process pays the compile time.
+They work on channels-last float32 arrays and keep the inner loop over channels free of calls and branches so LLVM
+turns it into SIMD code. Each compiled kernel is a plain loop over a range of rows, `start:stop`, that releases the
+GIL; the public function splits the rows across threads (`threads.parallel_rows`). numba's `parallel=True` (prange)
+would split them itself, but compiles 4-7 times slower, and a fresh install waits for that compile. Each public
+function also hands its kernel one array type (C-contiguous float32 of a fixed number of dimensions), so that numba
+compiles one specialisation per kernel. Compiled on first use and cached on disk (`cache=True`), so only the first
+process pays the compile time (a few seconds; docs/performance.md, "Cold start").
 
 Two transcendental functions are spelled out because numba would otherwise call libm once per element:
 
@@ -26,28 +30,30 @@ import threading
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from numba.core import event
 
 from ..config import LAYER_NORM_EPS
+from ..threads import parallel_rows
 from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
                      depthwise_conv3x3_weight_grad, relu, resize_bilinear)
 
 TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
 
-# numba's threading layer: workqueue, whose threads sleep between parallel loops; OpenMP's keep spinning and compete
+# For a kernel compiled with parallel=True (prange; the kernels below split their rows with `parallel_rows` instead):
+# numba's threading layer is workqueue, whose threads sleep between parallel loops; OpenMP's keep spinning and compete
 # with OpenBLAS's threads for the same cores (measured in docs/performance.md, "Threads"). workqueue runs one
-# parallel region at a time per process, so the public kernels below take _LOCK: callers on several Python threads
+# parallel region at a time per process, so such a kernel's caller takes _LOCK: callers on several Python threads
 # queue instead of aborting. NUMBA_THREADING_LAYER, if set, is left to rule.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 _LOCK = threading.Lock()
 
 # The first run after an install compiles the kernels and stores them in numba's disk cache; later runs load them
-# (docs/installation.md gives the measured times). Tell a person at a terminal why the first run is slow: numba fires
-# "numba:compile" only when it really compiles, not when it loads a kernel from its cache.
-COMPILE_NOTICE = "mininp_segformer: compiling numba kernels, first run only (~20-60 s) ..."
+# (docs/performance.md, "Cold start", gives the measured times). Tell a person at a terminal why the first run is
+# slow: numba fires "numba:compile" only when it really compiles, not when it loads a kernel from its cache.
+COMPILE_NOTICE = "mininp_segformer: compiling numba kernels, first run only (~5-10 s) ..."
 
 
 class _CompileNotice(event.Listener):
@@ -70,7 +76,7 @@ event.register("numba:compile", _CompileNotice())
 # with "reassoc" the compiler may reorder sums and polynomials as it likes, and numba 0.68 reordered them differently
 # in the process that compiled a kernel and in later ones that load it from the disk cache (1 ulp apart; measured
 # for GELU and LayerNorm). Results must not depend on that, so the reductions below (`_sum`) fix their own order.
-_FLAGS = dict(cache=True, fastmath={"contract"})
+_FLAGS = dict(cache=True, nogil=True, fastmath={"contract"})
 
 _LOG2E = np.float32(1.4426950408889634)
 _LN2_HI = np.float32(0.693359375)  # ln 2 split in two so that n * ln2 is subtracted without rounding error
@@ -144,69 +150,65 @@ def gelu_into(x, out, t, z, bits):
         out[j] = x[j] * phi
 
 
-@njit(parallel=True, **_FLAGS)
-def _gelu(x):
-    rows = x.reshape(-1, x.shape[-1])
-    out = np.empty_like(rows)
-    c = rows.shape[1]
-    for i in prange(rows.shape[0]):
-        gelu_into(rows[i], out[i], np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.int32))
-    return out.reshape(x.shape)
+@njit(**_FLAGS)
+def _gelu_rows(x, out, start, stop):
+    """out[i] = GELU(x[i]) for the rows start:stop of `x, out: (rows, C)`."""
+    c = x.shape[1]
+    t, z, bits = np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.int32)
+    for i in range(start, stop):
+        gelu_into(x[i], out[i], t, z, bits)
 
 
-@njit(parallel=True, **_FLAGS)
-def _softmax(x):
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[1]
-    for i in prange(rows.shape[0]):
-        row = rows[i]
+@njit(**_FLAGS)
+def _softmax_rows(x, start, stop):
+    """Softmax of the rows start:stop of `x: (rows, N)`, in place."""
+    n = x.shape[1]
+    bits = np.empty(n, np.int32)
+    for i in range(start, stop):
+        row = x[i]
         m = row[0]
         for j in range(1, n):
             m = max(m, row[j])
         for j in range(n):
             row[j] -= m
-        _exp_into(row, row, np.empty(n, np.int32))
+        _exp_into(row, row, bits)
         inv = np.float32(1) / _sum(row)
         for j in range(n):
             row[j] *= inv
-    return x
 
 
-@njit(parallel=True, **_FLAGS)
-def layer_norm_rows(x, weight, bias, eps):
-    """The compiled LayerNorm behind `layer_norm`: each row of `x: (..., C)` in parallel, its sums in a fixed order."""
-    rows = x.reshape(-1, x.shape[-1])
-    out = np.empty_like(rows)
-    c = rows.shape[1]
+@njit(**_FLAGS)
+def layer_norm_rows(x, weight, bias, eps, out, start, stop):
+    """The compiled LayerNorm behind `layer_norm`: rows start:stop of `x: (rows, C)` into `out`, sums in a fixed
+    order."""
+    c = x.shape[1]
     inv_c = np.float32(1 / c)
     eps = np.float32(eps)
-    for i in prange(rows.shape[0]):
-        row, o = rows[i], out[i]
-        mean = _sum(row) * inv_c
+    for i in range(start, stop):
+        mean = _sum(x[i]) * inv_c
         for j in range(c):
-            d = row[j] - mean
-            o[j] = d * d  # the output row as scratch for the squared deviations
-        inv = np.float32(1) / np.sqrt(_sum(o) * inv_c + eps)  # biased variance, as torch
+            d = x[i, j] - mean
+            out[i, j] = d * d  # the output row as scratch for the squared deviations
+        inv = np.float32(1) / np.sqrt(_sum(out[i]) * inv_c + eps)  # biased variance, as torch
         for j in range(c):
-            o[j] = (row[j] - mean) * inv * weight[j] + bias[j]
-    return out.reshape(x.shape)
+            out[i, j] = (x[i, j] - mean) * inv * weight[j] + bias[j]
 
 
-@njit(parallel=True, **_FLAGS)
-def _depthwise_conv3x3(x, weight, bias, apply_gelu):
-    """Depthwise 3x3 conv (zero padding 1) on `x: (B, H, W, C)`, `weight: (3, 3, C)`, then optionally GELU.
+@njit(**_FLAGS)
+def _depthwise_conv3x3(x, weight, bias, apply_gelu, out, start, stop):
+    """Depthwise 3x3 conv (zero padding 1) on `x: (B, H, W, C)`, `weight: (3, 3, C)`, then optionally GELU, into
+    the output rows start:stop of `out` (rows numbered across the batch: n * H + i).
 
     One output row at a time: for each of the 9 taps, the shifted input row times the tap is added to the whole
     output row -- long contiguous loops over (W, C) that vectorise, with the borders handled by the loop bounds.
     """
     b, h, w, c = x.shape
-    out = np.empty_like(x)
-    for bi in prange(b * h):
+    t, z, bits = np.empty(w * c, np.float32), np.empty(w * c, np.float32), np.empty(w * c, np.int32)
+    for bi in range(start, stop):
         n, i = bi // h, bi % h
-        row = out[n, i]  # (W, C)
         for j in range(w):
             for ch in range(c):
-                row[j, ch] = bias[ch]
+                out[n, i, j, ch] = bias[ch]
         for ky in range(3):
             y = i + ky - 1
             if y < 0 or y >= h:
@@ -215,19 +217,19 @@ def _depthwise_conv3x3(x, weight, bias, apply_gelu):
                 dx = kx - 1
                 for j in range(max(0, -dx), min(w, w - dx)):
                     for ch in range(c):  # elements, not row views: a numba view costs an atomic refcount
-                        row[j, ch] += x[n, y, j + dx, ch] * weight[ky, kx, ch]
+                        out[n, i, j, ch] += x[n, y, j + dx, ch] * weight[ky, kx, ch]
         if apply_gelu:
-            flat = row.reshape(w * c)
-            gelu_into(flat, flat, np.empty(w * c, np.float32), np.empty(w * c, np.float32),
-                       np.empty(w * c, np.int32))
-    return out
+            flat = out[n, i].reshape(w * c)
+            gelu_into(flat, flat, t, z, bits)
 
 
-@njit(parallel=True, cache=True)
-def _im2col(x, kernel, stride, padding, h_out, w_out):
+@njit(**_FLAGS)
+def _im2col(x, kernel, stride, padding, cols, start, stop):
+    """The output rows start:stop (n * H_out + i) of im2col into `cols: (B, H_out, W_out, k * k * C)`, zeros where
+    the window reaches into the padding (`cols` comes zeroed)."""
     b, h, w, c = x.shape
-    cols = np.zeros((b, h_out, w_out, kernel, kernel, c), np.float32)
-    for bi in prange(b * h_out):
+    h_out, w_out = cols.shape[1], cols.shape[2]
+    for bi in range(start, stop):
         n, i = bi // h_out, bi % h_out
         for j in range(w_out):
             for ky in range(kernel):
@@ -236,70 +238,117 @@ def _im2col(x, kernel, stride, padding, h_out, w_out):
                     for kx in range(kernel):
                         xx = j * stride + kx - padding
                         if 0 <= xx < w:
-                            cols[n, i, j, ky, kx] = x[n, y, xx]
-    return cols.reshape(b, h_out, w_out, kernel * kernel * c)
+                            col = (ky * kernel + kx) * c
+                            for ch in range(c):
+                                cols[n, i, j, col + ch] = x[n, y, xx, ch]
 
 
-@njit(parallel=True, **_FLAGS)
-def _add_resized(out, x, i0, i1, th, j0, j1, tw):
+@njit(**_FLAGS)
+def _add_resized(out, x, i0, i1, th, j0, j1, tw, start, stop):
+    """out[n, i] += the bilinear resize of `x` at output row i, for the rows start:stop (n * H + i)."""
     b, oh, ow, c = out.shape
-    for bi in prange(b * oh):
+    for bi in range(start, stop):
         n, i = bi // oh, bi % oh
         a, bb = np.float32(1) - th[i], th[i]
-        r0, r1 = x[n, i0[i]], x[n, i1[i]]
+        r0, r1 = i0[i], i1[i]
         for j in range(ow):
             wa, wb = np.float32(1) - tw[j], tw[j]
             p, q = j0[j], j1[j]
             for ch in range(c):
                 # torch's order: along the width first, then the height
-                out[n, i, j, ch] += a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
-    return out
+                out[n, i, j, ch] += (a * (wa * x[n, r0, p, ch] + wb * x[n, r0, q, ch])
+                                     + bb * (wa * x[n, r1, p, ch] + wb * x[n, r1, q, ch]))
 
 
-
-@njit(parallel=True, **_FLAGS)
-def _add_bias(y, bias):
-    """y[..., :] += bias, in place, rows in parallel."""
-    rows = y.reshape(-1, bias.shape[0])
-    for i in prange(rows.shape[0]):
+@njit(**_FLAGS)
+def _add_bias(y, bias, start, stop):
+    """y[i, :] += bias for the rows start:stop of `y: (rows, C)`, in place."""
+    for i in range(start, stop):
         for j in range(bias.shape[0]):
-            rows[i, j] += bias[j]
-    return y
+            y[i, j] += bias[j]
 
 
-@njit(parallel=True, **_FLAGS)
-def _resized_argmax(x, i0, i1, th, j0, j1, tw):
-    """argmax over C of `x: (h, w, C)` bilinearly resized by the given taps, without the resized (H, W, C) stack."""
-    oh, ow, c = th.shape[0], tw.shape[0], x.shape[2]
-    seg = np.empty((oh, ow), np.int64)
-    for i in prange(oh):
+@njit(**_FLAGS)
+def _resized_argmax(x, i0, i1, th, j0, j1, tw, seg, start, stop):
+    """Rows start:stop of `seg: (H, W)` = argmax over C of `x: (h, w, C)` bilinearly resized by the given taps,
+    without the resized (H, W, C) stack."""
+    ow, c = tw.shape[0], x.shape[2]
+    v = np.empty(c, np.float32)
+    for i in range(start, stop):
         a, bb = np.float32(1) - th[i], th[i]
-        r0, r1 = x[i0[i]], x[i1[i]]
-        v = np.empty(c, np.float32)
+        r0, r1 = i0[i], i1[i]
         for j in range(ow):
             wa, wb = np.float32(1) - tw[j], tw[j]
             p, q = j0[j], j1[j]
             for ch in range(c):
-                v[ch] = a * (wa * r0[p, ch] + wb * r0[q, ch]) + bb * (wa * r1[p, ch] + wb * r1[q, ch])
+                v[ch] = a * (wa * x[r0, p, ch] + wb * x[r0, q, ch]) + bb * (wa * x[r1, p, ch] + wb * x[r1, q, ch])
             best = 0
             for ch in range(1, c):
                 if v[ch] > v[best]:  # strictly greater: ties go to the first class, as np.argmax and torch
                     best = ch
             seg[i, j] = best
-    return seg
+
+
+@njit(cache=True, nogil=True)  # no fastmath: numpy's operations in numpy's order, so the same bits as the twin
+def _window_average(logits, y0, x0, slots, i0, i1, th, j0, j1, tw, count_y, count_x, argmax, out, seg, row0,
+                    start, stop):
+    """Rows row0 + start : row0 + stop of mmseg's slide average (see `window_average`), written to `out[start:stop]`
+    or, with `argmax`, as class ids to `seg[start:stop]`. Each output row is summed in a buffer of its own: every
+    covering window, resized to the window (width first, then height, as `layers.resize_bilinear`), is added in
+    window order."""
+    wh, ww, width, c = th.shape[0], tw.shape[0], count_x.shape[0], logits.shape[3]
+    buf = np.empty((width, c), np.float32)
+    for k in range(start, stop):
+        i = row0 + k
+        acc = buf if argmax else out[k]
+        acc[:] = 0
+        for s in slots:
+            r = i - y0[s]
+            if r < 0 or r >= wh:
+                continue
+            ta, tb = np.float32(1) - th[r], th[r]
+            la, lb, left = logits[s, i0[r]], logits[s, i1[r]], x0[s]  # locals, so that LLVM vectorises over ch
+            for q in range(ww):
+                p0, p1, ua, ub, o = j0[q], j1[q], np.float32(1) - tw[q], tw[q], left + q
+                for ch in range(c):
+                    wa = la[p0, ch] * ua + la[p1, ch] * ub
+                    wb = lb[p0, ch] * ua + lb[p1, ch] * ub
+                    acc[o, ch] += wa * ta + wb * tb
+        for j in range(width):
+            count = count_y[i] * count_x[j]
+            for ch in range(c):
+                acc[j, ch] /= count
+            if argmax:
+                best = 0
+                for ch in range(1, c):
+                    if acc[j, ch] > acc[j, best]:  # strictly greater: ties go to the first class, as np.argmax
+                        best = ch
+                seg[k, j] = best
 
 
 # ---- the public kernels: the signatures of their twins in layers.py ------------------------------------------------
+# Each hands its compiled kernel C-contiguous float32 arrays of a fixed number of dimensions (rows of 2-D, maps of
+# 4-D), so that numba compiles one specialisation per kernel, and splits the rows across threads (`parallel_rows`).
 
 def _f32(x):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def _ints(x):
+    return np.ascontiguousarray(x, dtype=np.int64)
+
+
+def _rows(x):
+    """`x: (..., C)` as C-contiguous float32 rows `(N, C)`."""
+    return _f32(x).reshape(-1, x.shape[-1])
+
+
 def gelu(x):
     """Exact-erf GELU, erfc by a Chebyshev fit that vectorises (twin of `layers.gelu`)."""
-    x = _f32(x)
-    with _LOCK:
-        return _gelu(x)
+    rows = _rows(x)
+    out = np.empty_like(rows)
+    parallel_rows(_gelu_rows, rows.shape[0], rows, out, row_size=rows.shape[1])
+    return out.reshape(np.shape(x))
 
 
 def softmax(x, axis=-1, out=None):
@@ -314,16 +363,19 @@ def softmax(x, axis=-1, out=None):
         out[...] = x
     if out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError("kernels.softmax: out must be a C-contiguous float32 array")
-    with _LOCK:
-        return _softmax(out)
+    rows = out.reshape(-1, out.shape[-1])
+    parallel_rows(_softmax_rows, rows.shape[0], rows, row_size=rows.shape[1])
+    return out
 
 
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     """LayerNorm over the last axis: per row mean, variance and output in three short loops, no temporaries (twin of
     `layers.layer_norm`)."""
-    x = _f32(x)
-    with _LOCK:
-        return layer_norm_rows(x, weight, bias, eps)
+    rows = _rows(x)
+    out = np.empty_like(rows)
+    parallel_rows(layer_norm_rows, rows.shape[0], rows, _f32(weight), _f32(bias), float(eps), out,
+                  row_size=rows.shape[1])
+    return out.reshape(np.shape(x))
 
 
 def depthwise_conv3x3(x, weight, bias):
@@ -340,27 +392,30 @@ def depthwise_conv3x3_gelu(x, weight, bias):
 
 def _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu):
     x, taps_last = _f32(x), _f32(weight[:, 0].transpose(1, 2, 0))  # (C, 1, 3, 3) -> (3, 3, C)
-    with _LOCK:
-        return _depthwise_conv3x3(x, taps_last, bias, apply_gelu)
+    out = np.empty_like(x)
+    b, h, w, c = x.shape
+    parallel_rows(_depthwise_conv3x3, b * h, x, taps_last, _f32(bias), apply_gelu, out, row_size=9 * w * c)
+    return out
 
 
 def linear(x, weight, bias=None):
     """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to all cores."""
     y = x @ weight.T
     if bias is not None:
-        with _LOCK:
-            _add_bias(y, bias)
+        rows = y.reshape(-1, y.shape[-1])  # a view: matmul's result is C-contiguous
+        parallel_rows(_add_bias, rows.shape[0], rows, _f32(bias), row_size=rows.shape[1])
     return y
 
 
 def im2col(x, kernel: int, stride: int, padding: int):
     """`x: (B, H, W, C)` -> `(B, H_out, W_out, k * k * C)`, in parallel over output rows, no padded copy (twin of
     `layers.im2col`)."""
+    b, _, _, c = x.shape
     h_out = conv_output_size(x.shape[1], kernel, stride, padding)
     w_out = conv_output_size(x.shape[2], kernel, stride, padding)
-    x = _f32(x)
-    with _LOCK:
-        return _im2col(x, kernel, stride, padding, h_out, w_out)
+    cols = np.zeros((b, h_out, w_out, kernel * kernel * c), np.float32)
+    parallel_rows(_im2col, b * h_out, _f32(x), kernel, stride, padding, cols, row_size=w_out * kernel * kernel * c)
+    return cols
 
 
 def conv2d(x, weight, bias, stride: int, padding: int):
@@ -371,23 +426,51 @@ def conv2d(x, weight, bias, stride: int, padding: int):
 def add_resized(out, x):
     """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps: upsample and accumulate in one
     pass; returns out (twin of `layers.add_resized`)."""
-    (_, oh, ow, _), (_, h, w, _) = out.shape, x.shape
+    (b, oh, ow, c), (_, h, w, _) = out.shape, x.shape
     i0, i1, th, _ = bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
     j0, j1, tw, _ = bilinear_taps(w, ow)
-    x = _f32(x)
-    with _LOCK:
-        return _add_resized(out, x, i0, i1, th, j0, j1, tw)
+    acc = _f32(out)  # `out` itself when it is C-contiguous float32, as the decoder's is
+    parallel_rows(_add_resized, b * oh, acc, _f32(x), i0, i1, th, j0, j1, tw, row_size=ow * c)
+    if acc is not out:
+        out[...] = acc
+    return out
+
+
+def window_average(logits, origins, slots, window, counts, rows, argmax=False):
+    """Rows `rows = (start, stop)` of mmseg's slide average: at each pixel, the sum of the logits of the windows
+    covering it, each bilinearly resized to the window's size, divided by the number of windows there; the same
+    bits as `inference.window_average_numpy`, its readable twin.
+
+    `logits: (K, h, w, C)`: the channels-last logits of K window slots; `origins: (K, 2)`: the (y0, x0) of each
+    slot's window; `slots`: the slots to sum, in the order to sum them; `window`: (height, width) of every window;
+    `counts`: (count_y `(H,)`, count_x `(W,)`) float32, the windows covering each row and column. Returns
+    `(stop - start, W, C)` float32, or with `argmax` the `(stop - start, W)` int64 class ids of it (the scores are
+    then never written to memory).
+    """
+    (start, stop), (count_y, count_x) = rows, counts
+    _, h, w, c = logits.shape
+    i0, i1, th, _ = bilinear_taps(h, window[0])
+    j0, j1, tw, _ = bilinear_taps(w, window[1])
+    width = count_x.shape[0]
+    out = np.empty((0 if argmax else stop - start, width, c), np.float32)
+    seg = np.empty((stop - start if argmax else 0, width), np.int64)
+    origins = np.asarray(origins, dtype=np.int64)
+    parallel_rows(_window_average, stop - start, _f32(logits), _ints(origins[:, 0]), _ints(origins[:, 1]),
+                  _ints(slots), i0, i1, th, j0, j1, tw, _f32(count_y), _f32(count_x), argmax, out, seg, start,
+                  row_size=width * c * 4)
+    return seg if argmax else out
 
 
 def resized_argmax(logits, size):
     """`logits: (C, h, w)` -> `(H, W)` int64 argmax of their bilinear resize to `size` (twin of
     `layers.resized_argmax`): HF's post-processing in one pass, with no (C, H, W) intermediate."""
-    (out_h, out_w), (_, h, w) = size, logits.shape
+    (out_h, out_w), (c, h, w) = size, logits.shape
     x = _f32(logits.transpose(1, 2, 0))  # channels-last, so the inner loop over classes is contiguous
     i0, i1, th, _ = bilinear_taps(h, out_h)
     j0, j1, tw, _ = bilinear_taps(w, out_w)
-    with _LOCK:
-        return _resized_argmax(x, i0, i1, th, j0, j1, tw)
+    seg = np.empty((out_h, out_w), np.int64)
+    parallel_rows(_resized_argmax, out_h, x, i0, i1, th, j0, j1, tw, seg, row_size=out_w * c)
+    return seg
 
 
 # ---- backward twins: what training measured to pay (docs/performance.md, "Training") -----------------------------
@@ -397,23 +480,24 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-@njit(parallel=True, **_FLAGS)
-def _gelu_backward(dout, x):
-    """dout * (Phi(x) + x phi(x)) elementwise, in float64 through libm's erf, rounded once to float32."""
-    d, v = dout.reshape(-1), x.reshape(-1)
-    out = np.empty(v.size, np.float32)
-    for i in prange(v.size):
-        xi = np.float64(v[i])
-        cdf = 0.5 * (1.0 + math.erf(xi * _SQRT_HALF))  # as layers.gelu_backward writes it
-        out[i] = np.float32(d[i] * (cdf + xi * math.exp(-0.5 * xi * xi) * _INV_SQRT_2PI))
-    return out.reshape(x.shape)
+@njit(**_FLAGS)
+def _gelu_backward_rows(dout, x, out, start, stop):
+    """out = dout * (Phi(x) + x phi(x)) on the rows start:stop of `(rows, C)` arrays, in float64 through libm's erf,
+    rounded once to float32."""
+    for i in range(start, stop):
+        for j in range(x.shape[1]):
+            xi = np.float64(x[i, j])
+            cdf = 0.5 * (1.0 + math.erf(xi * _SQRT_HALF))  # as layers.gelu_backward writes it
+            out[i, j] = np.float32(dout[i, j] * (cdf + xi * math.exp(-0.5 * xi * xi) * _INV_SQRT_2PI))
 
 
 def gelu_backward(dout, x):
-    """Gradient of the exact GELU, one parallel pass (twin of `layers.gelu_backward`)."""
-    dout, x = _f32(dout), _f32(x)
-    with _LOCK:
-        return _gelu_backward(dout, x)
+    """Gradient of the exact GELU, rows split over the threads (twin of `layers.gelu_backward`)."""
+    x = _f32(x)
+    d, v = _f32(dout).reshape(-1, x.shape[-1]), x.reshape(-1, x.shape[-1])
+    out = np.empty_like(v)
+    parallel_rows(_gelu_backward_rows, v.shape[0], d, v, out, row_size=v.shape[1])
+    return out.reshape(x.shape)
 
 
 def depthwise_conv3x3_backward(dout, x, weight):

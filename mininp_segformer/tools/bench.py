@@ -3,6 +3,8 @@
     python -m mininp_segformer.tools.bench                         # B0 at 512 x 512, random weights
     python -m mininp_segformer.tools.bench --variant b2 --runs 10
     python -m mininp_segformer.tools.bench --model path/to/checkpoint --threads 2
+    python -m mininp_segformer.tools.bench --cold-start            # README's first command, empty numba cache
+    python -m mininp_segformer.tools.bench --slide 4000 6000       # slide mode, window average in NumPy vs kernel
 
 Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
 between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
@@ -71,20 +73,60 @@ def _setup(framework: str, model_dir: str, onnx_path: str | None, threads: int):
     raise ValueError(framework)
 
 
-def _worker(framework, model_dir, onnx_path, threads, x, warmup, conn):
-    """Load, warm up, then answer "run" with one timed forward pass and "stop" with the peak RSS."""
+def _step_worker(framework, setup, setup_args, warmup, conn):
+    """`setup(framework, *setup_args) -> (version, step)` in this process, `warmup` steps, then answer "run" with
+    one timed step and "stop" with the peak RSS."""
     try:
-        version, forward = _setup(framework, model_dir, onnx_path, threads)
+        version, step = setup(framework, *setup_args)
         for _ in range(warmup):
-            logits = forward(x)
-        conn.send(("ready", version, logits[0, :2, :2, :2].tolist()))
+            step()
+        conn.send(("ready", version))
         while conn.recv() == "run":
             t = time.perf_counter()
-            forward(x)
+            step()
             conn.send(time.perf_counter() - t)
         conn.send(_peak_rss_mb())
     except Exception as e:  # report, don't hang the coordinator
-        conn.send(("error", f"{type(e).__name__}: {e}", None))
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_workers(frameworks, setup, setup_args, runs, warmup) -> dict:
+    """One worker process per framework (`_step_worker`), timed steps alternating between them round-robin.
+    Returns {framework: {"version", "times", "median_s", "peak_rss_mb"} or {"error"}}."""
+    ctx = mp.get_context("spawn")
+    workers, results = {}, {}
+    for fw in frameworks:
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_step_worker, args=(fw, setup, setup_args, warmup, child), daemon=True)
+        proc.start()
+        workers[fw] = (proc, parent)
+    for fw, (proc, conn) in list(workers.items()):
+        status, version = conn.recv()
+        if status == "error":
+            results[fw] = {"error": version}
+            proc.join()
+            del workers[fw]
+            continue
+        results[fw] = {"version": version, "times": []}
+    for _ in range(runs):
+        for fw, (_, conn) in workers.items():
+            # Let the previous framework's threads go idle first: ONNX Runtime's pool, torch's OpenMP and OpenBLAS
+            # all spin-wait for a while after a run, and would slow whichever framework runs next.
+            time.sleep(0.5)
+            conn.send("run")
+            results[fw]["times"].append(conn.recv())
+    for fw, (proc, conn) in workers.items():
+        conn.send("stop")
+        results[fw]["peak_rss_mb"] = conn.recv()
+        proc.join()
+        results[fw]["median_s"] = statistics.median(results[fw]["times"])
+    return results
+
+
+def _forward_step(framework, model_dir, onnx_path, threads, x):
+    """`_setup`'s model as a step: one forward pass on `x`."""
+    version, forward = _setup(framework, model_dir, onnx_path, threads)
+    return version, lambda: forward(x)
 
 
 def available(framework: str) -> bool:
@@ -108,35 +150,11 @@ torch.onnx.export(m, (x,), {str(out)!r}, input_names=["pixel_values"], output_na
 
 
 def time_frameworks(frameworks, model_dir, onnx_path, threads, x, runs, warmup):
-    """Alternate timed runs between one worker process per framework. Returns {framework: result dict}."""
-    ctx = mp.get_context("spawn")
-    workers = {}
-    for fw in frameworks:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(fw, model_dir, onnx_path, threads, x, warmup, child), daemon=True)
-        proc.start()
-        workers[fw] = (proc, parent)
-    results = {}
-    for fw, (proc, conn) in list(workers.items()):
-        status, version, head = conn.recv()
-        if status == "error":
-            print(f"  {fw}: left out ({version})", file=sys.stderr)
-            proc.join()
-            del workers[fw]
-            continue
-        results[fw] = {"version": version, "times": [], "logits_head": head}
-    for _ in range(runs):
-        for fw, (_, conn) in workers.items():
-            # Let the previous framework's threads go idle first: ONNX Runtime's pool, torch's OpenMP and OpenBLAS
-            # all spin-wait for a while after a run, and would slow whichever framework runs next.
-            time.sleep(0.5)
-            conn.send("run")
-            results[fw]["times"].append(conn.recv())
-    for fw, (proc, conn) in workers.items():
-        conn.send("stop")
-        results[fw]["peak_rss_mb"] = conn.recv()
-        proc.join()
-        results[fw]["median_s"] = statistics.median(results[fw]["times"])
+    """Alternate timed forward passes between one worker process per framework (`run_workers`). Returns
+    {framework: result dict}; a framework whose worker failed is left out, with a line on stderr."""
+    results = run_workers(frameworks, _forward_step, (model_dir, onnx_path, threads, x), runs, warmup)
+    for fw in [fw for fw, r in results.items() if "error" in r]:
+        print(f"  {fw}: left out ({results.pop(fw)['error']})", file=sys.stderr)
     return results
 
 
@@ -177,10 +195,67 @@ def predict_process(framework, model_dir, onnx_path, threads) -> dict:
         + "print(json.dumps({'seconds': time.perf_counter() - t0, "
         "'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    r = run_process([sys.executable, "-c", code])
+    return r if "error" in r else json.loads(r.pop("stdout").strip().splitlines()[-1])
+
+
+def run_process(command, env=None, timeout: float = 3600) -> dict:
+    """Run `command`; returns its wall `seconds`, `cpu_seconds` (user + system) and `stdout`, or {"error": the last
+    line of its stderr}."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    r = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if r.returncode != 0:
         return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else "failed"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "stdout": r.stdout}
+
+
+def cold_start(threads: int) -> dict:
+    """The README's first command -- the bundled demo model on its example scene, with an overlay -- twice, each in
+    a fresh process: first with an empty numba cache (a fresh install: the kernels compile), then with the cache
+    the first run left (every later run). Returns {"cold": run_process's dict, "warm": ...}."""
+    from ..hub import resolve
+
+    image = resolve("segformer-b0-shapes") / "example_scene.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tmp) / "numba_cache"))
+        command = [sys.executable, "-m", "mininp_segformer", "predict", str(image), "--model", "segformer-b0-shapes",
+                   "--overlay", "--overlay-format", "png", "--out", str(Path(tmp) / "out"), "--threads",
+                   str(threads), "-q"]
+        return {run: run_process(command, env) for run in ("cold", "warm")}
+
+
+_SLIDE_SNIPPET = """
+import json, resource, time
+import numpy as np
+import mininp_segformer as ms
+from mininp_segformer import inference
+ms.set_num_threads({threads})
+model = ms.load({model_dir!r})
+rgb = np.random.default_rng(0).integers(0, 256, ({h}, {w}, 3), dtype=np.uint8)
+crop, stride = inference.slide_geometry(model)
+average = {average}
+inference.segment(rgb[:crop[0], :crop[1]], model, mode="slide", crop=crop)  # kernels loaded (or compiled) first
+t = time.perf_counter()
+bands = inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average)
+seg = inference.stack_bands(bands, rgb.shape[:2])
+print(json.dumps({{"slide_seconds": time.perf_counter() - t, "windows": inference.window_count({h}, crop[0], stride[0])
+                  * inference.window_count({w}, crop[1], stride[1]), "crop": crop, "stride": stride,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def slide_processes(model_dir: str, size, threads: int) -> dict:
+    """`segment(photo, model, mode="slide")` with the default windows on a random `size = (H, W)` photo, in a fresh
+    process each: "numpy" averages the windows with `inference.window_average_numpy` (in NumPy, as before the
+    kernel), "kernel" with `kernels.window_average` (what `segment` runs). Each: seconds, windows, peak RSS."""
+    runs = {}
+    for name, average in (("numpy", "inference.window_average_numpy"), ("kernel", "None")):
+        code = _SLIDE_SNIPPET.format(threads=threads, model_dir=model_dir, h=size[0], w=size[1], average=average)
+        r = run_process([sys.executable, "-c", code])
+        runs[name] = r if "error" in r else json.loads(r["stdout"].strip().splitlines()[-1])
+    return runs
 
 
 # What the profile attributes time to. Components are the network's functions that the forward pass calls by name
@@ -309,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder", default="fused", choices=["fused", "literal"], help="with --profile")
     p.add_argument("--train", action="store_true", help="time one training step instead (tools/bench_train.py)")
     p.add_argument("--batch", type=int, default=2, help="with --train: the batch size (default 2)")
+    p.add_argument("--cold-start", action="store_true",
+                   help="instead: the README's first command in fresh processes, with an empty numba cache and again")
+    p.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
+                   help="instead: slide mode on an H x W photo (e.g. 4000 6000), the window average in NumPy and in "
+                        "its kernel")
     return p
 
 
@@ -321,6 +401,14 @@ def main(argv=None) -> int:
         return 0
     if args.profile:
         print(run_profile(args))
+        return 0
+    if args.cold_start:
+        print(format_cold_start(cold_start(args.threads), args.threads))
+        return 0
+    if args.slide:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir, _ = prepare_model(args, Path(tmp))
+            print(format_slide(slide_processes(model_dir, args.slide, args.threads), args))
         return 0
     report = run_benchmark(args)
     print(format_report(report))
@@ -401,6 +489,34 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
+def format_cold_start(runs: dict, threads: int) -> str:
+    lines = [f"The README's first command in a fresh process, {threads} thread(s); {machine()}",
+             f"{'numba cache':<40}{'wall s':>8}{'CPU s':>8}"]
+    for run, label in (("cold", "empty (first run after an install)"), ("warm", "as the first run left it")):
+        r = runs[run]
+        lines.append(f"{label:<40}" + (r["error"] if "error" in r else f"{r['seconds']:>8.2f}{r['cpu_seconds']:>8.2f}"))
+    return "\n".join(lines)
+
+
+def format_slide(runs: dict, args) -> str:
+    ok = {name: r for name, r in runs.items() if "error" not in r}
+    first = next(iter(ok.values()), {})
+    lines = [f"slide mode on a {args.slide[0]} x {args.slide[1]} photo, {args.model or args.variant} "
+             f"({args.num_labels} labels), crop {first.get('crop')} stride {first.get('stride')}, "
+             f"{first.get('windows')} windows, {args.threads} thread(s); {machine()}",
+             f"{'window average':<28}{'seconds':>9}{'s/window':>10}{'peak RSS':>10}{'speed-up':>10}"]
+    for name, label in (("numpy", "NumPy (before the kernel)"), ("kernel", "kernels.window_average")):
+        r = runs[name]
+        if "error" in r:
+            lines.append(f"{label:<28}{r['error']}")
+            continue
+        ratio = (f"{runs['numpy']['slide_seconds'] / r['slide_seconds']:.2f}x"
+                 if name == "kernel" and "numpy" in ok else "")
+        lines.append(f"{label:<28}{r['slide_seconds']:>9.1f}{r['slide_seconds'] / r['windows']:>10.3f}"
+                     f"{r['peak_rss_mb']:>7.0f} MB{ratio:>10}")
+    return "\n".join(lines)
+
+
 def format_report(r: dict) -> str:
     gflop = 2 * r["gmac_literal"]
     lines = [
@@ -431,54 +547,6 @@ def format_report(r: dict) -> str:
     if r["skipped"]:
         lines.append(f"not installed, left out: {', '.join(r['skipped'])}")
     return "\n".join(lines)
-
-
-def _step_worker(framework, setup, setup_args, warmup, conn):
-    """`setup(framework, *setup_args) -> (version, step)` in this process, `warmup` steps, then answer "run" with
-    one timed step and "stop" with the peak RSS."""
-    try:
-        version, step = setup(framework, *setup_args)
-        for _ in range(warmup):
-            step()
-        conn.send(("ready", version))
-        while conn.recv() == "run":
-            t = time.perf_counter()
-            step()
-            conn.send(time.perf_counter() - t)
-        conn.send(_peak_rss_mb())
-    except Exception as e:  # report, don't hang the coordinator
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-
-
-def run_workers(frameworks, setup, setup_args, runs, warmup) -> dict:
-    """One worker process per framework (`_step_worker`), timed steps alternating between them round-robin.
-    Returns {framework: {"version", "times", "median_s", "peak_rss_mb"} or {"error"}}."""
-    ctx = mp.get_context("spawn")
-    workers, results = {}, {}
-    for fw in frameworks:
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_step_worker, args=(fw, setup, setup_args, warmup, child), daemon=True)
-        proc.start()
-        workers[fw] = (proc, parent)
-    for fw, (proc, conn) in list(workers.items()):
-        status, version = conn.recv()
-        if status == "error":
-            results[fw] = {"error": version}
-            proc.join()
-            del workers[fw]
-            continue
-        results[fw] = {"version": version, "times": []}
-    for _ in range(runs):
-        for fw, (_, conn) in workers.items():
-            time.sleep(0.5)  # let the previous framework's spinning threads go idle (see time_frameworks)
-            conn.send("run")
-            results[fw]["times"].append(conn.recv())
-    for fw, (proc, conn) in workers.items():
-        conn.send("stop")
-        results[fw]["peak_rss_mb"] = conn.recv()
-        proc.join()
-        results[fw]["median_s"] = statistics.median(results[fw]["times"])
-    return results
 
 
 if __name__ == "__main__":

@@ -1,0 +1,97 @@
+"""threads.parallel_rows: the kernels' rows split across threads -- every row once, the same bits for any number of
+threads, errors reaching the caller, and a forked child that does not wait for its parent's threads."""
+
+import multiprocessing
+import threading
+
+import numpy as np
+import pytest
+
+from mininp_segformer import threads
+from mininp_segformer.nn import kernels
+
+
+@pytest.fixture
+def thread_count():
+    """Set the threads for one test; every core again afterwards."""
+    yield threads.set_num_threads
+    threads.set_num_threads()
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("rows", [1, 2, 7, 1000])
+def test_every_row_is_done_once(thread_count, n_threads, rows):
+    thread_count(n_threads)
+    done = np.zeros(rows, np.int64)
+    lock = threading.Lock()
+
+    def kernel(out, start, stop):
+        with lock:
+            out[start:stop] += 1
+
+    threads.parallel_rows(kernel, rows, done, row_size=threads.MIN_BLOCK)
+    assert (done == 1).all()
+
+
+def test_small_work_stays_in_the_calling_thread(thread_count):
+    thread_count(4)
+    seen = []
+    threads.parallel_rows(lambda start, stop: seen.append((threading.get_ident(), start, stop)), 64, row_size=16)
+    assert seen == [(threading.get_ident(), 0, 64)]  # 64 x 16 elements: less than a block's worth
+
+
+def test_an_error_in_any_block_reaches_the_caller(thread_count):
+    thread_count(3)
+
+    def kernel(start, stop):
+        if start > 0:
+            raise ValueError(f"rows {start}:{stop}")
+
+    with pytest.raises(ValueError, match="rows"):
+        threads.parallel_rows(kernel, 90, row_size=threads.MIN_BLOCK)
+
+
+def _kernel_outputs():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 40, 50, 64), dtype=np.float32)  # 4000 rows of 64: several blocks per thread count
+    w = rng.standard_normal((64, 1, 3, 3), dtype=np.float32)
+    b = rng.standard_normal(64, dtype=np.float32)
+    small = rng.standard_normal((2, 10, 13, 64), dtype=np.float32)
+    lw = rng.standard_normal((32, 64), dtype=np.float32)
+    return {
+        "gelu": kernels.gelu(x), "softmax": kernels.softmax(x), "layer_norm": kernels.layer_norm(x, b, b),
+        "depthwise_conv3x3_gelu": kernels.depthwise_conv3x3_gelu(x, w, b), "linear": kernels.linear(x, lw, b[:32]),
+        "im2col": kernels.im2col(x, 7, 4, 3), "add_resized": kernels.add_resized(x.copy(), small),
+        "resized_argmax": kernels.resized_argmax(x[0].transpose(2, 0, 1), (97, 203)),
+    }
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads(thread_count):
+    thread_count(1)
+    one = _kernel_outputs()
+    for n in (2, 3):
+        thread_count(n)
+        for name, out in _kernel_outputs().items():
+            np.testing.assert_array_equal(out, one[name], err_msg=f"{name} on {n} threads")
+
+
+def _layer_norm_in_child(queue):
+    x = np.ones((4096, 64), np.float32)
+    queue.put(float(kernels.layer_norm(x, x[0], x[0]).sum()))
+
+
+def test_a_forked_child_runs_the_kernels(thread_count):
+    """A child forked after the parent's pool started has none of its threads: it must make its own, not wait."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    thread_count(2)
+    kernels.layer_norm(np.ones((4096, 64), np.float32), np.ones(64, np.float32), np.ones(64, np.float32))  # pool up
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_layer_norm_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in a kernel")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 4096 * 64
