@@ -36,7 +36,7 @@ from numba.core import event
 from ..config import LAYER_NORM_EPS
 from ..threads import parallel_rows
 from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
-                     depthwise_conv3x3_weight_grad, relu, resize_bilinear)
+                     depthwise_conv3x3_weight_grad, relu, resize_bilinear, rows)
 
 TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
@@ -400,11 +400,10 @@ def _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu):
 
 def linear(x, weight, bias=None):
     """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to all cores."""
-    y = x @ weight.T
+    y = rows(x) @ weight.T  # one product over all leading axes (layers.rows)
     if bias is not None:
-        rows = y.reshape(-1, y.shape[-1])  # a view: matmul's result is C-contiguous
-        parallel_rows(_add_bias, rows.shape[0], rows, _f32(bias), row_size=rows.shape[1])
-    return y
+        parallel_rows(_add_bias, y.shape[0], y, _f32(bias), row_size=y.shape[1])
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def im2col(x, kernel: int, stride: int, padding: int):

@@ -20,10 +20,17 @@ from ..config import BATCH_NORM_EPS, BATCH_NORM_MOMENTUM, LAYER_NORM_EPS
 
 def linear(x, weight, bias=None):
     """nn.Linear: `x: (..., C_in)`, `weight: (C_out, C_in)`, `bias: (C_out,)` -> `(..., C_out)`."""
-    y = x @ weight.T  # a transposed view: BLAS reads it in place, no copy
+    y = rows(x) @ weight.T  # a transposed view: BLAS reads it in place, no copy
     if bias is not None:
         y += bias
-    return y
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def rows(x):
+    """`(..., C)` -> `(M, C)`, the leading axes flattened (a view when they are contiguous): one matrix product
+    instead of NumPy's matmul looping over the leading axes of a stack (a feature map (B, H, W, C) would otherwise
+    be B * H separate products of W rows each)."""
+    return x.reshape(-1, x.shape[-1])
 
 
 def linear_backward(dout, x, weight):
@@ -31,8 +38,8 @@ def linear_backward(dout, x, weight):
 
     dx = dout W; dW = dout^T x and db = sum(dout), both summed over all leading axes (every token uses one W).
     """
-    dout2, x2 = dout.reshape(-1, dout.shape[-1]), x.reshape(-1, x.shape[-1])  # leading axes flattened: (M, C)
-    return dout @ weight, dout2.T @ x2, dout2.sum(axis=0)
+    dout2 = rows(dout)
+    return (dout2 @ weight).reshape(x.shape), dout2.T @ rows(x), dout2.sum(axis=0)
 
 
 def moments(x, axis):
