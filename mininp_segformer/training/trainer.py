@@ -55,7 +55,7 @@ from ..tools.metrics import evaluate
 from ..weights import fsync_dir, is_parameter, load_checkpoint, read_safetensors
 from .augment import batches
 from .data import Dataset, read_sample
-from .optim import AdamW, AdamWState, PolySchedule, adamw_step, init_state, load_state, state_arrays
+from .optim import NVLABS_CUSTOM_KEYS, AdamW, AdamWState, PolySchedule, adamw_step, init_state, load_state, state_arrays
 
 OPTIMIZER_NAME = "optimizer.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer's name
@@ -70,7 +70,7 @@ class TrainSettings:
 
     The learning rate follows NVlabs' schedule (`optim.PolySchedule`, power 1) over `steps`, after a linear warmup
     of `warmup_steps` (HF Trainer's default: 0; NVlabs warms up for 1,500 of its 160,000); AdamW's other values
-    and the parameter groups (decode head lr x 10, no weight decay on norms) are `optim.AdamW`'s defaults.
+    and the parameter groups (decode head lr x `head_lr_mult`, no weight decay on norms) are `optim.AdamW`'s.
     """
     steps: int = 1000
     batch_size: int = 8
@@ -78,6 +78,7 @@ class TrainSettings:
     lr: float = 6e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
+    head_lr_mult: float = 10.0  # the decode head's lr multiplier (NVlabs: 10)
     seed: int = 0  # the batches (augment.batches) and model.rng (dropout, drop path)
     augment: bool = True  # NVlabs' ADE20K augmentations; False: each image resized to the crop, as HF's processor
     eval_every: int = 500  # validation mIoU every this many steps (and at the end); 0: only at the end
@@ -93,14 +94,15 @@ class TrainSettings:
 
     def optimiser(self) -> tuple[AdamW, PolySchedule]:
         """optim's AdamW settings and schedule for this run."""
-        return (AdamW(lr=self.lr, weight_decay=self.weight_decay),
+        custom_keys = {**NVLABS_CUSTOM_KEYS, "head": {"lr_mult": self.head_lr_mult}}
+        return (AdamW(lr=self.lr, weight_decay=self.weight_decay, custom_keys=custom_keys),
                 PolySchedule(max_iters=int(self.steps), warmup_iters=int(self.warmup_steps)))
 
     def trajectory(self) -> dict:
         """The fields that decide the weights: a resumed run must have the same."""
         d = dataclasses.asdict(self)
-        return {k: d[k] for k in ("steps", "batch_size", "crop", "lr", "weight_decay", "warmup_steps", "seed",
-                                  "augment")}
+        return {k: d[k] for k in ("steps", "batch_size", "crop", "lr", "weight_decay", "warmup_steps",
+                                  "head_lr_mult", "seed", "augment")}
 
 
 @dataclass
