@@ -20,7 +20,7 @@ from mininp_segformer.training.data import open_dataset
 from mininp_segformer.training.trainer import dataset_samples, validation_miou
 from tests.test_trainer import write_scenes
 
-# demo id -> new id: background, circle, square, triangle, ring, star -> background, round, polygon, polygon, round, star
+# the demo ids (background, circle, square, triangle, ring, star) -> the new ones
 REMAP = np.array([0, 2, 1, 1, 2, 3])
 ID2LABEL = {0: "background", 1: "polygon", 2: "round", 3: "star"}
 BEFORE_AT_MOST, AFTER_AT_LEAST = 0.3, 0.7  # measured 0.111 and 0.873 (see the module doc)

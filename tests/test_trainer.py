@@ -22,7 +22,7 @@ from mininp_segformer.tools.cli import main
 from mininp_segformer.tools.scenes import make_scene
 from mininp_segformer.training.data import open_dataset
 from mininp_segformer.training.trainer import (CHECKPOINT_PREFIX, OPTIMIZER_NAME, TRAINER_STATE_NAME, TrainSettings,
-                                               dataset_batches, latest_checkpoint, train)
+                                               clip_grad_norm, dataset_batches, latest_checkpoint, train)
 from mininp_segformer.weights import read_safetensors, random_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,3 +219,13 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(setup, tmp_path,
     assert sorted(p.name for p in out.iterdir()) == [f"{CHECKPOINT_PREFIX}2"]  # no staging folder, no checkpoint-4
     ms.load(out / f"{CHECKPOINT_PREFIX}2")
     assert read_safetensors(out / f"{CHECKPOINT_PREFIX}2" / OPTIMIZER_NAME)["step"] == 2
+
+
+def test_clip_grad_norm_is_torchs():
+    grads = {"a": np.array([3.0, 0.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    assert clip_grad_norm(grads, 10.0) == pytest.approx(5.0)  # under the bound: unchanged
+    assert grads["a"][0] == 3.0 and grads["b"][0, 0] == 4.0
+    assert clip_grad_norm(grads, 1.0) == pytest.approx(5.0)  # torch: scale max_norm / (total + 1e-6)
+    assert np.allclose(grads["a"], [3.0 / (5.0 + 1e-6), 0.0]) and np.allclose(grads["b"], [[4.0 / (5.0 + 1e-6)]])
+    with pytest.raises(ms.SegformerError, match="max_grad_norm"):
+        TrainSettings(max_grad_norm=0.0)

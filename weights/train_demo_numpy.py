@@ -11,7 +11,7 @@ function of the step and a resumed run is exact); progressive resizing (64 and 1
 px); periodic validation on seeds 900_000.. and the held-out test on seeds 0..199 at the end.
 
 Where it differs from the torch script, because the trainer does it NVlabs' way: the schedule is mmcv's poly
-(power 1) after a linear warmup, not cosine; there is no gradient clipping; no weight decay on the norms' weights
+(power 1) after a linear warmup, not cosine; no weight decay on the norms' weights
 and biases (`optim.NVLABS_CUSTOM_KEYS`), where torch's script exempted every 1-D tensor (biases too).
 `--head-lr-mult 1` (the default here) gives the decode head the encoder's learning rate, as the torch script did.
 
@@ -118,6 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     p.add_argument("--head-lr-mult", type=float, default=1.0, help="the decode head's lr multiplier (NVlabs: 10)")
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping, as the torch script")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--save-every", type=int, default=250)
@@ -138,10 +139,12 @@ def main(argv=None) -> None:
     model = ms.Segformer(config, init_like_segformer(config, args.seed), image_size=(size, size))
     settings = TrainSettings(steps=total, batch_size=args.batch_size, crop=size, lr=args.lr,
                              weight_decay=args.weight_decay, warmup_steps=args.warmup, head_lr_mult=args.head_lr_mult,
-                             seed=args.seed, augment=False, eval_every=args.val_every, save_every=args.save_every)
+                             max_grad_norm=args.max_grad_norm, seed=args.seed, augment=False,
+                             eval_every=args.val_every, save_every=args.save_every)
     log(f"MiT-b0 SegFormer from scratch, mininp_segformer {ms.__version__} (NumPy + numba), {threads} thread(s); "
         f"{total} steps x batch {args.batch_size}, phases {args.phases}, AdamW lr {args.lr} (head x "
-        f"{args.head_lr_mult}, warmup {args.warmup}, poly), weight decay {args.weight_decay}")
+        f"{args.head_lr_mult}, warmup {args.warmup}, poly), weight decay {args.weight_decay}, gradient norm clipped "
+        f"to {args.max_grad_norm}")
     start = time.time()
     result = train(model, scene_batches(size_at, args.batch_size, TRAIN_SEED_START), settings, args.out,
                    validation=scenes(range(VAL_SEED_START, VAL_SEED_START + args.val_scenes), (size, size)),

@@ -413,7 +413,8 @@ def train_settings(args):
     from ..training.trainer import TrainSettings, checkpoint_settings
 
     given = {k: getattr(args, k) for k in ("steps", "batch_size", "crop", "lr", "weight_decay", "warmup_steps",
-                                            "seed", "eval_every", "save_every") if getattr(args, k) is not None}
+                                            "max_grad_norm", "seed", "eval_every", "save_every")
+             if getattr(args, k) is not None}
     if args.no_augment:
         given["augment"] = False
     saved = checkpoint_settings(args.resume) if args.resume else {}
@@ -638,6 +639,8 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=_positive(float, zero_ok=True), default=None, help="default 0.01")
     p.add_argument("--warmup-steps", type=_positive(int, zero_ok=True), default=None,
                    help="linear warmup (default 0)")
+    p.add_argument("--max-grad-norm", type=_positive(float), default=None,
+                   help="clip the gradients' global norm (HF Trainer's 1.0; default: no clipping, as NVlabs)")
     p.add_argument("--no-augment", action="store_true",
                    help="no NVlabs augmentations: each image resized to the crop, as HF's processor")
     p.add_argument("--seed", type=_positive(int, zero_ok=True), default=None,

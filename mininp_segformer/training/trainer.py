@@ -79,6 +79,7 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     head_lr_mult: float = 10.0  # the decode head's lr multiplier (NVlabs: 10)
+    max_grad_norm: float | None = None  # clip the gradients' global norm to this (HF Trainer: 1.0; NVlabs: none)
     seed: int = 0  # the batches (augment.batches) and model.rng (dropout, drop path)
     augment: bool = True  # NVlabs' ADE20K augmentations; False: each image resized to the crop, as HF's processor
     eval_every: int = 500  # validation mIoU every this many steps (and at the end); 0: only at the end
@@ -90,6 +91,9 @@ class TrainSettings:
             low = 1 if name in ("steps", "batch_size", "crop") else 0
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise SegformerError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.max_grad_norm is not None and not (isinstance(self.max_grad_norm, (int, float))
+                                                   and 0 < self.max_grad_norm < math.inf):
+            raise SegformerError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
         self.optimiser()  # lr, weight decay and warmup checked by optim's own rules
 
     def optimiser(self) -> tuple[AdamW, PolySchedule]:
@@ -102,7 +106,7 @@ class TrainSettings:
         """The fields that decide the weights: a resumed run must have the same."""
         d = dataclasses.asdict(self)
         return {k: d[k] for k in ("steps", "batch_size", "crop", "lr", "weight_decay", "warmup_steps",
-                                  "head_lr_mult", "seed", "augment")}
+                                  "head_lr_mult", "max_grad_norm", "seed", "augment")}
 
 
 @dataclass
@@ -331,6 +335,17 @@ def plot_curves(log_history: list, path) -> Path | None:
 # The loop
 
 
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_: scale every gradient (in place) by min(1, max_norm / (total + 1e-6)), total
+    being the L2 norm of all gradients together (the norm of the per-tensor norms); returns total."""
+    total = float(np.linalg.norm([np.linalg.norm(g) for g in grads.values()]))
+    scale = min(1.0, max_norm / (total + 1e-6))
+    if scale < 1.0:
+        for g in grads.values():
+            g *= g.dtype.type(scale)
+    return total
+
+
 @contextmanager
 def deferred_interrupt():
     """Within: a first SIGINT (Ctrl-C) only sets a flag, read by calling the yielded function; a second one raises
@@ -387,6 +402,8 @@ def train(model: Segformer, batches_from: Callable[[int], Iterator], settings: T
         while state.step < settings.steps and not interrupted():
             pixel_values, labels = next(stream)
             loss, grads = value_and_grad(model, pixel_values, labels)
+            if settings.max_grad_norm is not None:
+                clip_grad_norm(grads, settings.max_grad_norm)
             lr = adamw_step(params, grads, state, optimiser, schedule)
             log_history.append({"step": state.step, "loss": float(loss), "lr": lr})
             bar.update(bs)
@@ -418,5 +435,5 @@ def train(model: Segformer, batches_from: Callable[[int], Iterator], settings: T
 __all__ = ["TrainSettings", "TrainResult", "dataset_batches", "dataset_samples", "validation_miou", "trainable",
            "save_training_checkpoint", "latest_checkpoint", "checkpoint_settings", "check_resume",
            "load_training_checkpoint", "write_log", "plot_curves",
-           "deferred_interrupt", "train", "OPTIMIZER_NAME", "TRAINER_STATE_NAME",
+           "clip_grad_norm", "deferred_interrupt", "train", "OPTIMIZER_NAME", "TRAINER_STATE_NAME",
            "CHECKPOINT_PREFIX", "CURVES_NAME"]
