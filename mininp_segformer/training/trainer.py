@@ -124,9 +124,6 @@ class TrainResult:
 
 def dataset_batches(dataset: Dataset, settings: TrainSettings) -> Callable[[int], Iterator]:
     """The batch stream of `train` for a dataset on disk: `start_step -> augment.batches(...)` from that step."""
-    if len(dataset) == 0:
-        raise SegformerError(f"the dataset under {dataset.root} has no samples; add images and their masks")
-
     def from_step(start_step: int):
         return batches(dataset, settings.batch_size, settings.seed, settings.crop, settings.augment, start_step)
     return from_step
