@@ -123,43 +123,46 @@ def straight(setup, tmp_path_factory):
     """An uninterrupted run of 24 steps."""
     model_dir, data = setup
     out = tmp_path_factory.mktemp("straight") / "run"
-    p = run(train_args(model_dir, data, out, *STEPS))
+    finish(train_args(model_dir, data, out, *STEPS))
+    return out
+
+
+def stop(args, checkpoint: Path, sig) -> tuple[int, str]:
+    """Start a run, send it `sig` once `checkpoint` exists; (its exit status, its stderr)."""
+    p = run(args)
+    wait_for(checkpoint, p)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=RUN_TIMEOUT)
+    return p.returncode, err
+
+
+def finish(args):
+    p = run(args)
     _, err = p.communicate(timeout=RUN_TIMEOUT)
     assert p.returncode == 0, err
-    return out
 
 
 def test_sigkill_then_resume_is_bit_identical(setup, straight, tmp_path):
     model_dir, data = setup
     out = tmp_path / "run"
-    p = run(train_args(model_dir, data, out, *STEPS))
-    wait_for(out / f"{CHECKPOINT_PREFIX}4", p)
-    p.send_signal(signal.SIGKILL)
-    p.communicate(timeout=RUN_TIMEOUT)
-    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed: make it longer"
+    status, _ = stop(train_args(model_dir, data, out, *STEPS), out / f"{CHECKPOINT_PREFIX}4", signal.SIGKILL)
+    assert status == -signal.SIGKILL, "the run ended before it could be killed: make it longer"
     assert not (out / "model.safetensors").exists()
-    resumed = run(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--threads", "2",
-                   "-q", "--holdout", "0", "--resume", str(out)])  # the other settings: the checkpoint's
-    _, err = resumed.communicate(timeout=RUN_TIMEOUT)
-    assert resumed.returncode == 0, err
+    finish(["train", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--threads", "2", "-q",
+            "--holdout", "0", "--resume", str(out)])  # the other settings: the checkpoint's
     assert_same_weights(out, straight)
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(setup, straight, tmp_path):
     model_dir, data = setup
     out = tmp_path / "run"
-    p = run(train_args(model_dir, data, out, *STEPS))
-    wait_for(out / f"{CHECKPOINT_PREFIX}2", p)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=RUN_TIMEOUT)
-    assert p.returncode == 130, err
+    status, err = stop(train_args(model_dir, data, out, *STEPS), out / f"{CHECKPOINT_PREFIX}2", signal.SIGINT)
+    assert status == 130, err
     checkpoint = latest_checkpoint(out)
     assert f"--resume {checkpoint}" in err
     step = json.loads((checkpoint / TRAINER_STATE_NAME).read_text())["global_step"]
     assert 2 <= step < 24
-    resumed = run(train_args(model_dir, data, out, *STEPS, "--resume", str(checkpoint)))
-    _, err = resumed.communicate(timeout=RUN_TIMEOUT)
-    assert resumed.returncode == 0, err
+    finish(train_args(model_dir, data, out, *STEPS, "--resume", str(checkpoint)))
     assert_same_weights(out, straight)
 
 
