@@ -20,9 +20,11 @@ from PIL import Image
 import mininp_segformer as ms
 from mininp_segformer.tools.cli import main
 from mininp_segformer.tools.scenes import make_scene
-from mininp_segformer.training.data import open_dataset
+from mininp_segformer.tools.metrics import evaluate
+from mininp_segformer.training.data import open_dataset, read_sample
 from mininp_segformer.training.trainer import (CHECKPOINT_PREFIX, OPTIMIZER_NAME, TRAINER_STATE_NAME, TrainSettings,
-                                               clip_grad_norm, dataset_batches, latest_checkpoint, train)
+                                               clip_grad_norm, dataset_batches, latest_checkpoint, train,
+                                               validation_miou)
 from mininp_segformer.weights import read_safetensors, random_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,3 +234,14 @@ def test_clip_grad_norm_is_torchs():
     assert np.allclose(grads["a"], [3.0 / (5.0 + 1e-6), 0.0]) and np.allclose(grads["b"], [[4.0 / (5.0 + 1e-6)]])
     with pytest.raises(ms.SegformerError, match="max_grad_norm"):
         TrainSettings(max_grad_norm=0.0)
+
+
+def test_validation_miou_is_evaluate_of_predict(setup):
+    model_dir, data = setup
+    model = ms.load(model_dir)
+    samples = [read_sample(open_dataset(data), i) for i in range(5)]
+    expected = evaluate([ms.predict(image, model) for image, _ in samples], [m for _, m in samples], 6)["mean_iou"]
+    assert validation_miou(model.train(), samples, batch_size=2) == expected  # batched as predict, one at a time
+    assert model.training  # the mode is given back
+    with pytest.raises(ms.SegformerError, match="no predictions"):
+        validation_miou(model, [])

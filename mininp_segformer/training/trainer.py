@@ -31,6 +31,7 @@ parameters updated); the loop then saves a checkpoint and raises KeyboardInterru
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -136,7 +137,8 @@ def dataset_samples(dataset: Dataset) -> Callable[[], Iterable]:
 
 def validation_miou(model: Segformer, samples: Iterable, batch_size: int = 8) -> float:
     """Mean IoU (`metrics.evaluate`) of the model's predictions on (image `(H, W, 3)` uint8, mask `(H, W)`) pairs,
-    as `predict` makes them: resized to `model.image_size`, logits resized back to the mask's size. Eval mode."""
+    as `predict` makes them: resized to `model.image_size`, logits resized back to the mask's size. Eval mode;
+    `batch_size` images at a time, each scored as it comes (a large set never sits in memory)."""
     training = model.training
     model.eval()
 
@@ -152,11 +154,13 @@ def validation_miou(model: Segformer, samples: Iterable, batch_size: int = 8) ->
             yield from _predict_batch(model, images, masks)
 
     try:
-        pairs = list(predictions(samples))
-        if not pairs:
-            raise SegformerError("the validation set has no samples")
-        scores = evaluate([p for p, _ in pairs], [m for _, m in pairs], model.config.num_labels,
+        preds, masks = itertools.tee(predictions(samples))  # evaluate takes the two in step: tee keeps one pair
+        scores = evaluate((p for p, _ in preds), (m for _, m in masks), model.config.num_labels,
                           ignore_index=model.config.semantic_loss_ignore_index)
+    except SegformerError:
+        raise
+    except ValueError as e:  # metrics' own: no samples, a mask of another size
+        raise SegformerError(f"the validation set cannot be scored: {e}") from None
     finally:
         model.train(training)
     return scores["mean_iou"]
