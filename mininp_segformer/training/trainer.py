@@ -201,10 +201,12 @@ def save_training_checkpoint(out, model: Segformer, state: AdamWState, settings:
         for name in (OPTIMIZER_NAME, TRAINER_STATE_NAME):
             with open(staging / name, "rb") as f:
                 os.fsync(f.fileno())
-        if final.exists():  # the same step saved before (a resumed run): the new one is identical
-            shutil.rmtree(final)
+        old = final.with_name(staging.name.replace(".saving", ".old"))
+        if final.exists():  # the same step saved before (a resumed run, or an earlier run in this folder)
+            os.replace(final, old)
         os.replace(staging, final)
         fsync_dir(out)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException as e:  # a full disk, a permission, a second Ctrl-C: no staging directory is left behind
         shutil.rmtree(staging, ignore_errors=True)
         if not isinstance(e, (OSError, SafetensorError, SegformerError)):
@@ -377,7 +379,8 @@ def train(model: Segformer, batches_from: Callable[[int], Iterator], settings: T
     the same step whatever the start (`dataset_batches`). validation: `() -> iterable of (image, mask)`
     (`dataset_samples`), scored by `validation_miou` every `settings.eval_every` steps and at the end. resume: a
     checkpoint folder, or a run's `out` (its latest checkpoint). progress: a tqdm line (step, loss, lr, images/s,
-    ETA). log: where the one-line messages go (default: tqdm.write, above the progress line).
+    ETA). log: where the one-line messages go (default: tqdm.write, above the progress line). A new run re-seeds
+    `model.rng` from `settings.seed`; a resumed one takes the checkpoint's.
     """
     from tqdm.auto import tqdm
 
@@ -397,7 +400,7 @@ def train(model: Segformer, batches_from: Callable[[int], Iterator], settings: T
     model.train()
     stream = batches_from(state.step)
     bs, first, start = settings.batch_size, state.step, time.perf_counter()
-    saved_at = state.step if resume is not None else None
+    saved_at = None
     with deferred_interrupt() as interrupted, tqdm(total=settings.steps * bs, initial=state.step * bs, unit="img",
                                                    disable=not progress, dynamic_ncols=True, smoothing=0.1) as bar:
         while state.step < settings.steps and not interrupted():
