@@ -24,7 +24,7 @@ from mininp_segformer.tools.metrics import evaluate
 from mininp_segformer.training.data import open_dataset, read_sample
 from mininp_segformer.training.trainer import (CHECKPOINT_PREFIX, OPTIMIZER_NAME, TRAINER_STATE_NAME, TrainSettings,
                                                clip_grad_norm, dataset_batches, latest_checkpoint, train,
-                                               validation_miou)
+                                               plot_curves, validation_miou)
 from mininp_segformer.weights import read_safetensors, random_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,3 +245,11 @@ def test_validation_miou_is_evaluate_of_predict(setup):
     assert model.training  # the mode is given back
     with pytest.raises(ms.SegformerError, match="no predictions"):
         validation_miou(model, [])
+
+
+def test_the_curves_need_matplotlib_only_if_it_is_there(tmp_path, monkeypatch):
+    log = [{"step": 1, "loss": 2.0, "lr": 1e-4}, {"step": 2, "loss": 1.0, "lr": 1e-4}, {"step": 2, "eval_mean_iou": 0.5}]
+    assert plot_curves(log, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert Image.open(tmp_path / "curves.png").size[0] > 100
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    assert plot_curves(log, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -292,8 +292,9 @@ def _comparable(config: SegformerConfig) -> dict:
     return d
 
 
-def write_log(out, log_history: list, settings: TrainSettings) -> None:
-    """`out/trainer_state.json` (the log) and `out/training_curves.png` (if matplotlib is installed)."""
+def write_log(out, log_history: list, settings: TrainSettings) -> Path | None:
+    """`out/trainer_state.json` (the log) and `out/training_curves.png` (if matplotlib is installed: its path is
+    returned, else None)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / TRAINER_STATE_NAME
@@ -301,7 +302,7 @@ def write_log(out, log_history: list, settings: TrainSettings) -> None:
     tmp.write_text(json.dumps({"settings": dataclasses.asdict(settings), "log_history": log_history}, indent=1)
                    + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    plot_curves(log_history, out / CURVES_NAME)
+    return plot_curves(log_history, out / CURVES_NAME)
 
 
 def plot_curves(log_history: list, path) -> Path | None:
@@ -432,7 +433,8 @@ def train(model: Segformer, batches_from: Callable[[int], Iterator], settings: T
         log(f"{state.step - first} steps in {seconds:.0f} s ({(state.step - first) * bs / seconds:.2f} images/s)")
     model.eval()
     model.save_pretrained(out)
-    write_log(out, log_history, settings)
+    if write_log(out, log_history, settings) is None:
+        log(f"no {CURVES_NAME}: plotting needs matplotlib (pip install matplotlib)")
     return TrainResult(state.step, log_history, last_miou)
 
 
