@@ -6,6 +6,7 @@
     mininp-segformer download nvidia/segformer-b0-finetuned-ade-512-512
     mininp-segformer info nvidia/segformer-b0-finetuned-ade-512-512 --size 512 512
     mininp-segformer evaluate seg/ annotations/ --num-labels 150 --reduce-labels
+    mininp-segformer train --model segformer-b0-shapes --data shapes/ --labels labels.json --out runs/shapes
     mininp-segformer bench ...                                            # mininp_segformer.tools.bench, if installed
 
 Exit codes: 0 success; 1 a runtime failure (also when some of many images failed -- the others' outputs are
@@ -404,6 +405,75 @@ def cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# train
+
+
+def train_settings(args):
+    """TrainSettings from the options given; with --resume, the options not given are the checkpoint's."""
+    from ..training.trainer import TrainSettings, checkpoint_settings
+
+    given = {k: getattr(args, k) for k in ("steps", "batch_size", "crop", "lr", "weight_decay", "warmup_steps",
+                                            "max_grad_norm", "seed", "eval_every", "save_every")
+             if getattr(args, k) is not None}
+    if args.no_augment:
+        given["augment"] = False
+    saved = checkpoint_settings(args.resume) if args.resume else {}
+    return TrainSettings(**{**saved, **given})
+
+
+def train_data(args, labels):
+    """(train, validation or None): the dataset's validation split (mmseg's layout) or --holdout samples of it."""
+    from ..training.data import check_dataset, holdout, open_dataset
+
+    train_set = open_dataset(args.data, "train", labels=labels, reduce_labels=args.reduce_labels)
+    if (Path(args.data) / "images" / "validation").is_dir():  # mmseg's layout
+        validation = open_dataset(args.data, "validation", labels=labels, reduce_labels=args.reduce_labels)
+    else:
+        count = args.holdout if args.holdout is not None else max(1, len(train_set) // 10)
+        validation = None
+        if count and len(train_set) > 1:
+            train_set, validation = holdout(train_set, min(count, len(train_set) - 1), seed=0)
+    for part in (train_set, validation) if validation is not None else (train_set,):
+        with tqdm(total=len(part), desc=f"checking the {part.split} set", unit="img", disable=args.quiet,
+                  leave=False) as bar:
+            check_dataset(part, progress=lambda i: bar.update())
+    return train_set, validation
+
+
+def cmd_train(args) -> int:
+    import warnings
+
+    from ..model import load
+    from ..threads import set_num_threads
+    from ..training.data import Labels, read_labels
+    from ..training.trainer import check_resume, dataset_batches, dataset_samples, train
+
+    settings = train_settings(args)
+    if args.threads:
+        set_num_threads(args.threads)
+    labels = read_labels(args.labels) if args.labels else None
+    with warnings.catch_warnings(record=True) as caught:  # the surgery's one line, shown as a message
+        warnings.simplefilter("always")
+        model = load(args.model, revision=args.revision, head="semantic", seed=settings.seed,
+                     id2label=labels.id2label if labels else None)
+    log = (lambda line: None) if args.quiet else (lambda line: tqdm.write(line, file=sys.stderr))
+    for w in caught:
+        log(str(w.message))
+    if args.resume:
+        check_resume(args.resume, model, settings)  # before the data check, which can take minutes
+    train_set, validation = train_data(args, labels or Labels(model.id2label))
+    log(f"training {model} on {len(train_set)} images ({args.data}), validating on "
+        f"{len(validation) if validation is not None else 0}; {settings.steps} steps of {settings.batch_size} "
+        f"crops of {settings.crop} px, lr {settings.lr}")
+    result = train(model, dataset_batches(train_set, settings), settings, args.out,
+                   validation=dataset_samples(validation) if validation is not None else None, resume=args.resume,
+                   progress=not args.quiet, log=log)
+    score = "" if result.eval_mean_iou != result.eval_mean_iou else f"; validation mIoU {result.eval_mean_iou:.4f}"
+    print(f"saved the model to {args.out}{score}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The parser
 
 
@@ -449,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_checkpoint_commands(sub)
     _add_evaluate(sub)
+    _add_train(sub)
     sub.add_parser("bench", help="the speed benchmark (mininp_segformer.tools.bench; its options follow)")
     return parser
 
@@ -541,6 +612,48 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune or train a model on a folder of images and masks",
+                       description="Train a SegFormer on DIR/images + DIR/annotations (or mmseg's layout) with "
+                                   "AdamW and NVlabs' poly schedule; write the model to --out in the Hugging Face "
+                                   "layout, with checkpoints in --out/checkpoint-STEP/. See docs/fine_tuning.md.")
+    p.add_argument("--model", required=True,
+                   help=f"where to start: a checkpoint directory, bundled model ({DEMO_MODEL}) or Hub name (e.g. "
+                        "nvidia/mit-b0: an ImageNet encoder, given a fresh decode head)")
+    _add_revision(p)
+    p.add_argument("--data", required=True, metavar="DIR", help="DIR/images/* with DIR/annotations/*.png")
+    p.add_argument("--labels", metavar="FILE",
+                   help="the class names: a JSON id2label or a CSV name,r,g,b (colour masks); a new label set gets "
+                        "a fresh decode head (default: the model's labels)")
+    p.add_argument("--reduce-labels", action="store_true", help="ADE20K annotations: 0 = ignore, v -> v - 1")
+    p.add_argument("--holdout", type=_positive(int, zero_ok=True), default=None, metavar="N",
+                   help="validation images drawn from a one-split dataset (default: 10%%; 0: no validation)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where the model and the checkpoints go")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue from a checkpoint-STEP folder (or --out's latest); options not given are its own")
+    p.add_argument("--steps", type=_positive(int), default=None, help="optimiser steps (default 1000)")
+    p.add_argument("--batch-size", type=_positive(int), default=None, help="images per step (default 8)")
+    p.add_argument("--crop", type=_positive(int), default=None, help="side of the square training crops (default 512)")
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help="AdamW learning rate (default 6e-5; the decode head gets 10x)")
+    p.add_argument("--weight-decay", type=_positive(float, zero_ok=True), default=None, help="default 0.01")
+    p.add_argument("--warmup-steps", type=_positive(int, zero_ok=True), default=None,
+                   help="linear warmup (default 0)")
+    p.add_argument("--max-grad-norm", type=_positive(float), default=None,
+                   help="clip the gradients' global norm (HF Trainer's 1.0; default: no clipping, as NVlabs)")
+    p.add_argument("--no-augment", action="store_true",
+                   help="no NVlabs augmentations: each image resized to the crop, as HF's processor")
+    p.add_argument("--seed", type=_positive(int, zero_ok=True), default=None,
+                   help="batches, dropout and new weights (default 0)")
+    p.add_argument("--threads", type=_positive(int), default=None, help="threads (numba and BLAS; default all)")
+    p.add_argument("--eval-every", type=_positive(int, zero_ok=True), default=None,
+                   help="validation mIoU every N steps (default 500; 0: at the end only)")
+    p.add_argument("--save-every", type=_positive(int, zero_ok=True), default=None,
+                   help="a checkpoint every N steps (default 500; 0: none)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the last line")
+    p.set_defaults(func=cmd_train)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 runtime failure, 2 usage error)."""
     from ..model import DEFAULT_MODEL
@@ -559,8 +672,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except UsageError as e:
         parser.exit(2, f"{PROG}: error: {e}\n")
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # train's says where it saved the run
+        print(f"{PROG}: interrupted{' ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:
         if args.debug:
