@@ -251,5 +251,6 @@ def test_the_curves_need_matplotlib_only_if_it_is_there(tmp_path, monkeypatch):
     log = [{"step": 1, "loss": 2.0, "lr": 1e-4}, {"step": 2, "loss": 1.0, "lr": 1e-4}, {"step": 2, "eval_mean_iou": 0.5}]
     assert plot_curves(log, tmp_path / "curves.png") == tmp_path / "curves.png"
     assert Image.open(tmp_path / "curves.png").size[0] > 100
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: import raises ImportError
+    for name in ("matplotlib", "matplotlib.figure"):  # as if not installed: importing either raises ImportError
+        monkeypatch.setitem(sys.modules, name, None)
     assert plot_curves(log, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()

@@ -308,17 +308,16 @@ def write_log(out, log_history: list, settings: TrainSettings) -> Path | None:
 def plot_curves(log_history: list, path) -> Path | None:
     """A PNG of the training loss (per step, and its running mean) and the validation mIoU against the step.
     matplotlib is optional (as for `viz.plot_legend`): without it, nothing is written and None is returned."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
+    try:  # a bare Figure draws with the Agg canvas: no display, and pyplot's backend (a notebook's) is left alone
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     path = Path(path)
     steps = np.array([e["step"] for e in log_history if "loss" in e])
     losses = np.array([e["loss"] for e in log_history if "loss" in e])
     evals = [(e["step"], e["eval_mean_iou"]) for e in log_history if "eval_mean_iou" in e]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
+    fig = Figure(figsize=(9, 3.2), constrained_layout=True)
+    ax = fig.subplots(1, 2)
     ax[0].plot(steps, losses, lw=0.6, alpha=0.4, label="loss")
     if len(losses) >= 10:
         k = max(1, len(losses) // 20)
@@ -330,7 +329,6 @@ def plot_curves(log_history: list, path) -> Path | None:
     ax[1].set(xlabel="step", ylabel="validation mIoU", ylim=(0, 1))
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 
