@@ -21,7 +21,6 @@ from tests.conftest import build_model, check_input_digest, grad_sample_index, l
 
 GRAD_RTOL = 1e-4
 LOSS_RTOL = 1e-5
-WORST: dict[str, float] = {}  # printed with -s: the worst error / max|torch| of each model
 
 
 def zero_in_exact_arithmetic(name: str, train: bool, last_stage: int) -> bool:
@@ -53,7 +52,6 @@ def check_gradients(label: str, ours: dict, arrays: dict, prefix: str, samples: 
         assert err <= GRAD_RTOL, f"{label} {name}: max|err| = {err:.2e} of max|torch| {absmax[name]:.3g}"
         worst = max(worst, (err, name))
     assert offset == ref_all.size
-    WORST[label] = max(WORST.get(label, 0.0), worst[0])
     print(f"{label}: worst gradient error {worst[0]:.2e} of max|torch| ({worst[1]})")
     return worst[0]
 

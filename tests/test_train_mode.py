@@ -131,8 +131,8 @@ def test_out_loss_is_value_and_grads_loss(train):
 
 
 class Reseeded:
-    """A stand-in for `model.rng` that restarts the same stream at every forward: the masks stay fixed while
-    finite differences call value_and_grad again and again."""
+    """A stand-in for `model.rng` that restarts the same stream at every draw: each mask of a forward is the same
+    at every call, so the masks stay fixed while finite differences call value_and_grad again and again."""
 
     def __init__(self, seed):
         self.seed = seed

@@ -293,9 +293,14 @@ def _label(component: str | None, op: str | None) -> str:
     return PROFILE_LABELS.get((component, op)) or PROFILE_LABELS.get((component, None)) or "other (model glue)"
 
 
-def profile(model, x, repeats: int = 3) -> list[tuple[str, float]]:
-    """The exclusive time of each labelled op in one forward pass (median of `repeats`), largest first."""
-    import importlib
+def exclusive_profile(step, patches: dict, model, label, glue: str, repeats: int) -> list[tuple[str, float]]:
+    """Where `step()`'s time goes, largest first: the median over `repeats` runs (after one warm-up) of each label's
+    exclusive time -- a call's own time without its timed callees.
+
+    Timed: each function `patches` names ({(module, name): component}, replaced in its module while profiling) and
+    each op of `model.ops`. A call is labelled `label(component, op)`: its own component, or for an op the innermost
+    component it runs in, and the op's name (None for a component's own time). What no timed call covers is `glue`.
+    """
     import types
 
     totals: dict[str, list[float]] = {}
@@ -312,35 +317,41 @@ def profile(model, x, repeats: int = 3) -> list[tuple[str, float]]:
             finally:
                 elapsed = time.perf_counter() - t
                 _, children = open_calls.pop()
-                label = _label(inside, op)
-                run[label] = run.get(label, 0.0) + elapsed - children
+                name = label(inside, op)
+                run[name] = run.get(name, 0.0) + elapsed - children
                 if open_calls:
                     open_calls[-1][1] += elapsed
         return wrapper
 
-    originals = {}
-    for (mod_name, fn_name), component in PROFILED_COMPONENTS.items():
-        mod = importlib.import_module(f"mininp_segformer.{mod_name}")
-        originals[(mod, fn_name)] = getattr(mod, fn_name)
-        setattr(mod, fn_name, timed(getattr(mod, fn_name), component=component))
+    originals = {(mod, name): getattr(mod, name) for mod, name in patches}
+    for (mod, name), component in patches.items():
+        setattr(mod, name, timed(originals[mod, name], component=component))
     ops = model.ops
     model.ops = types.SimpleNamespace(**{name: timed(fn, op=name) for name, fn in vars(ops).items()
                                          if callable(fn) and not name.startswith("_")})
     try:
-        model(x)  # warm-up
+        step()  # warm-up
         for _ in range(repeats):
             run.clear()
             t = time.perf_counter()
-            model(x)
-            glue = time.perf_counter() - t - sum(run.values())
-            run["other (model glue)"] = run.get("other (model glue)", 0.0) + glue
-            for label, sec in run.items():
-                totals.setdefault(label, []).append(sec)
+            step()
+            run[glue] = run.get(glue, 0.0) + time.perf_counter() - t - sum(run.values())
+            for name, sec in run.items():
+                totals.setdefault(name, []).append(sec)
     finally:
         model.ops = ops
-        for (mod, fn_name), fn in originals.items():
-            setattr(mod, fn_name, fn)
-    return sorted(((label, statistics.median(v)) for label, v in totals.items()), key=lambda kv: -kv[1])
+        for (mod, name), fn in originals.items():
+            setattr(mod, name, fn)
+    return sorted(((name, statistics.median(v)) for name, v in totals.items()), key=lambda kv: -kv[1])
+
+
+def profile(model, x, repeats: int = 3) -> list[tuple[str, float]]:
+    """The exclusive time of each labelled op in one forward pass (median of `repeats`), largest first."""
+    import importlib
+
+    patches = {(importlib.import_module(f"mininp_segformer.{mod_name}"), fn_name): component
+               for (mod_name, fn_name), component in PROFILED_COMPONENTS.items()}
+    return exclusive_profile(lambda: model(x), patches, model, _label, "other (model glue)", repeats)
 
 
 def format_profile(rows, macs: dict[str, int], title: str) -> str:

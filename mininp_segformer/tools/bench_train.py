@@ -15,14 +15,12 @@ forward, and the backward's two products per forward product) and each worker's 
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from .bench import available, machine, prepare_model, run_workers
+from .bench import available, exclusive_profile, machine, prepare_model, run_workers
 
 TRAIN_FRAMEWORKS = ("mininp_segformer", "torch")
 
@@ -100,54 +98,19 @@ def format_train_report(r: dict) -> str:
 
 
 def profile_step(model, x, labels, repeats: int = 2) -> list[tuple[str, float]]:
-    """The exclusive time of each function of `nn.layers` and `nn.loss` (and the numba kernels the model's ops
-    resolve to) in one training step, median of `repeats`, largest first; the rest as "other"."""
+    """The exclusive time of each function of `nn.layers` and `nn.loss` (and of the model's ops, the numba kernels
+    for the default backend) in one training step, median of `repeats`, largest first (`bench.exclusive_profile`)."""
     import types
 
     from .. import value_and_grad
     from ..nn import layers, loss
 
-    totals: dict[str, list[float]] = {}
-    run: dict[str, float] = {}
-    stack: list[float] = []  # time spent in timed callees, per open call
-
-    def timed(name, fn):
-        def wrapper(*args, **kwargs):
-            stack.append(0.0)
-            t = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - t
-                children = stack.pop()
-                run[name] = run.get(name, 0.0) + elapsed - children
-                if stack:
-                    stack[-1] += elapsed
-        return wrapper
-
-    patched = []
-    for module in (layers, loss):
-        for name, fn in list(vars(module).items()):
-            if isinstance(fn, types.FunctionType) and fn.__module__ == module.__name__ and not name.startswith("_"):
-                patched.append((module, name, fn))
-                setattr(module, name, timed(f"{module.__name__.rsplit('.', 1)[-1]}.{name}", fn))
-    ops = model.ops
-    model.ops = types.SimpleNamespace(**{name: timed(f"ops.{name}", fn) for name, fn in vars(ops).items()
-                                         if callable(fn) and not name.startswith("_")})
-    try:
-        value_and_grad(model, x, labels)  # warm-up
-        for _ in range(repeats):
-            run.clear()
-            t = time.perf_counter()
-            value_and_grad(model, x, labels)
-            run["other (model glue, copies)"] = time.perf_counter() - t - sum(run.values())
-            for name, sec in run.items():
-                totals.setdefault(name, []).append(sec)
-    finally:
-        model.ops = ops
-        for module, name, fn in patched:
-            setattr(module, name, fn)
-    return sorted(((name, statistics.median(v)) for name, v in totals.items()), key=lambda kv: -kv[1])
+    patches = {(module, name): f"{module.__name__.rsplit('.', 1)[-1]}.{name}"
+               for module in (layers, loss) for name, fn in vars(module).items()
+               if isinstance(fn, types.FunctionType) and fn.__module__ == module.__name__ and not name.startswith("_")}
+    return exclusive_profile(lambda: value_and_grad(model, x, labels), patches, model,
+                             lambda component, op: f"ops.{op}" if op else component, "other (model glue, copies)",
+                             repeats)
 
 
 def run_train_profile(args) -> str:
