@@ -19,6 +19,9 @@ from .inference import segment  # noqa: E402
 from .model import Segformer, SegformerOutput, load, predict, value_and_grad  # noqa: E402
 from .preprocessing import postprocess, preprocess  # noqa: E402
 from .threads import code_paths, set_num_threads  # noqa: E402
+from .memory import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()  # reuse freed activations instead of fresh pages at every forward pass (memory.py)
 
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
            "preprocess", "postprocess", "segment", "set_num_threads", "code_paths", "value_and_grad",

@@ -44,6 +44,7 @@ from .nn.layers import bilinear_taps, resize_rows, softmax
 from .memory import FLOAT32, check_memory
 from .model import SLIDE_HINT
 from .preprocessing import load_image, normalize, resize_image
+from .threads import get_num_threads, map_one_thread_each
 from .weights import SEMANTIC
 
 MODES = ("whole", "slide")
@@ -225,8 +226,9 @@ def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=
     """mmseg's slide_inference on `rgb: (H, W, 3)` as a band stream of the averaged logits `(rows, W, C)`, or with
     `argmax` of their class ids `(rows, W)` int64.
 
-    `crop`, `stride`: (height, width). Windows are run a row of windows at a time (one window per forward pass:
-    batching them measured slower, docs/performance.md); their logits stay at the network's output resolution, in
+    `crop`, `stride`: (height, width). Windows are run a row of windows at a time, one window per forward pass and
+    one thread per window (`threads.map_one_thread_each`: batching windows, or splitting one window's products over
+    the threads, measured slower, docs/performance.md); their logits stay at the network's output resolution, in
     slots for the rows of windows that can still cover an unfinished output row, until the output rows they cover
     are finished (`average`: `kernels.window_average` on the numba backend, else `window_average_numpy`).
     `on_window()` is called after each window (progress).
@@ -241,13 +243,11 @@ def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=
     logits, origins, done = None, np.zeros((held * len(cols), 2), dtype=np.int64), 0
     for k, (y0, y1) in enumerate(rows):
         slot = (k % held) * len(cols)  # overwrites row k - held, which no unfinished row needs (slide_rows_held)
-        for c, (x0, x1) in enumerate(cols):
-            out = image_logits(model, rgb[y0:y1, x0:x1])
+        outs = map_one_thread_each(lambda span: image_logits(model, rgb[y0:y1, span[0]:span[1]]), cols, on_window)
+        for c, ((x0, _), out) in enumerate(zip(cols, outs)):
             if logits is None:
                 logits = np.empty((len(origins),) + out.shape, dtype=np.float32)
             logits[slot + c], origins[slot + c] = out, (y0, x0)
-            if on_window is not None:
-                on_window()
         # the windows held, oldest row first and left to right: mmseg's order of summing
         slots = [(m % held) * len(cols) + c for m in range(max(0, k + 1 - held), k + 1) for c in range(len(cols))]
         finished = rows[k + 1][0] if k + 1 < len(rows) else h  # no later window starts above this row
@@ -354,7 +354,8 @@ def segment_bytes(model, size, sizes, runs_per_scale: int, mode: str, crop=None,
         per run, float32: the logits held  whole: the network's output, (h/4) (w/4) C; slide: the windows of
                                            `slide_rows_held` rows, each (crop/4)^2 C
                           bands in flight  3 x band_rows W C    resized, softmax, running sum
-        one forward pass                   the largest whole image, or one crop window (`model.forward_bytes`)
+        forward passes                     the largest whole image, or one crop window per thread, as many as
+                                           a row has windows (`model.forward_bytes`, `slide_bands`)
     """
     h, w = size
     classes = model.config.num_labels
@@ -368,8 +369,10 @@ def segment_bytes(model, size, sizes, runs_per_scale: int, mode: str, crop=None,
             window = classes * math.prod(stage_sizes(model.config, *crop)[0])
             held = rows * window_count(s[1], crop[1], stride[1]) * window
         total += runs_per_scale * FLOAT32 * (held + 3 * band_rows * w * classes)
-    inputs = sizes if mode == "whole" else [crop]
-    return int(total + max(model.forward_bytes(1, *s) for s in inputs))
+    if mode == "whole":
+        return int(total + max(model.forward_bytes(1, *s) for s in sizes))
+    at_once = min(get_num_threads(), max(window_count(s[1], crop[1], stride[1]) for s in sizes))
+    return int(total + at_once * model.forward_bytes(1, *crop))
 
 
 def _check_sizes(model, mode, ratios, sizes, base, crop) -> None:

@@ -10,10 +10,14 @@ Attention over N tokens costs memory in N^2: B0 at 4096 x 4096 would ask NumPy f
 
 The default limit is the memory the machine has available now (/proc/meminfo's MemAvailable, else the physical
 memory), or the container's limit (cgroup v2 memory.max) if that is lower.
+
+And one setting of the C allocator, made at import (`keep_freed_memory`): NumPy allocates every intermediate array
+anew, so the allocator's handling of large blocks decides how often the kernel has to hand the process fresh pages.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import re
@@ -24,6 +28,10 @@ from .errors import ResourceError
 from .nn.encoder import reduced_tokens, stage_sizes
 
 MEMORY_ENV = "MININP_SEGFORMER_MAX_MEMORY"
+# glibc's mallopt parameters and the values keep_freed_memory sets
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 512 * 2**20  # freed memory a process keeps before returning it to the system
+HEAP_BLOCK_BYTES = 32 * 2**20  # blocks up to this size come from the heap, not mmap (glibc's largest allowed)
 FLOAT32 = 4
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _limit: int | float | None = None  # set_max_memory's bytes (math.inf: no limit); None: the default
@@ -65,6 +73,28 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
         peak = max(peak, kept + (3 if decoder == "fused" else 11) * n1 * d + n1 * config.num_labels)
     held = attentions if output_attentions else 0
     return FLOAT32 * batch * (inputs + peak + held)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse, instead of returning it to the system at once; True if done.
+
+    With glibc's defaults, blocks over 128 KB -- every activation of a forward pass -- are mmap'd and unmapped one by
+    one (its adaptive threshold only follows blocks up to the largest freed so far), so each pass has the kernel fault
+    in and zero fresh pages: about 7000 page faults per B0 pass at 512 x 512, which cost 15-25 % of its time
+    (docs/performance.md, "Memory"). Here blocks up to HEAP_BLOCK_BYTES come from the heap, and the heap keeps up to
+    KEEP_FREED_BYTES of freed memory. Peak memory is unchanged; between passes the process keeps what it used.
+
+    Left alone off glibc, or when the environment already sets MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (set
+    them to glibc's defaults, 131072 each, to opt out).
+    """
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already uses
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def parse_size(text) -> int | float:

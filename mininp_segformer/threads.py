@@ -5,6 +5,10 @@ The kernels are compiled as plain serial loops over a range of rows that release
 `parallel_rows` runs one block of rows per thread on a small thread pool. numba's own `parallel=True` (prange) would
 do the same, but compiles each kernel 4-7 times slower, and that compile is what a fresh install waits for
 (docs/performance.md, "Cold start").
+
+Work made of independent pieces too small to split well (slide mode's windows: batch-1 forward passes whose thin
+products OpenBLAS splits poorly) goes the other way: `map_one_thread_each` runs one piece per thread, each on one
+thread (its kernels and its BLAS calls).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth ha
 _threads = None  # set_num_threads's n; None: every core numba may use
 _pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use
 _pool_lock = threading.Lock()
+_local = threading.local()  # .threads: 1 in `map_one_thread_each`'s workers, whose kernels must not split further
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -38,8 +43,10 @@ def set_num_threads(n: int | None = None) -> int:
 
 
 def get_num_threads() -> int:
-    """The threads `parallel_rows` uses: `set_num_threads`'s, else every core numba may use."""
-    return _threads or max(1, min(os.cpu_count() or 1, numba.config.NUMBA_NUM_THREADS))
+    """The threads `parallel_rows` uses: `set_num_threads`'s, else every core numba may use (1 inside
+    `map_one_thread_each`)."""
+    return getattr(_local, "threads", None) or _threads or max(1, min(os.cpu_count() or 1,
+                                                                        numba.config.NUMBA_NUM_THREADS))
 
 
 def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
@@ -61,6 +68,43 @@ def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
     finally:
         for f in others:
             f.result()
+
+
+def map_one_thread_each(fn, items, on_done=None) -> list:
+    """[fn(item) for item in items], computed `get_num_threads()` items at a time, each in a thread of its own that
+    runs its kernels and BLAS on one thread; `on_done()` is called in the calling thread as each result arrives, in
+    order. `fn` must not depend on which thread runs it (the kernels' results do not depend on their split, and
+    OpenBLAS's products do not depend on its thread count: tested bit for bit in tests/test_inference.py).
+
+    Two batch-1 forward passes of B0 at 512 x 512 side by side take 130-142 ms a window against 180-186 ms for one
+    after the other on two threads (docs/performance.md, "Slide mode").
+    """
+    items = list(items)
+    workers = min(get_num_threads(), len(items))
+    if workers <= 1:
+        results = []
+        for item in items:
+            results.append(fn(item))
+            if on_done is not None:
+                on_done()
+        return results
+
+    def one_thread(item):
+        _local.threads = 1
+        return fn(item)
+
+    blas_threads = _blas_threads() or get_num_threads()
+    _set_blas_threads(1)  # process-wide: the calling thread only waits meanwhile
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer_each") as pool:
+            results = []
+            for result in pool.map(one_thread, items):
+                results.append(result)
+                if on_done is not None:
+                    on_done()
+            return results
+    finally:
+        _set_blas_threads(blas_threads)
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:
@@ -96,6 +140,17 @@ def _set_blas_threads(n: int) -> None:
     setter = _openblas_function("set_num_threads")
     if setter is not None:
         setter(ctypes.c_int(n))
+
+
+def _blas_threads() -> int | None:
+    """The threads NumPy's BLAS uses now (through threadpoolctl when installed, else OpenBLAS's getter), or None."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        getter = _openblas_function("get_num_threads")
+        return int(getter()) if getter is not None else None
+    counts = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return counts[0] if counts else None
 
 
 def code_paths() -> dict[str, str]:

@@ -148,6 +148,19 @@ def test_slide_is_mmseg_slide_inference(model, photo, crop, stride):
                                   ref.argmax(axis=0))
 
 
+def test_slide_on_two_threads_gives_the_same_bits(model):
+    """Two threads: each window of a row runs on a thread of its own (`threads.map_one_thread_each`, BLAS on one
+    thread); the result is the same bits as every window run in turn on two threads (the mmseg reference)."""
+    photo = np.random.default_rng(8).integers(0, 256, size=(160, 300, 3), dtype=np.uint8)
+    crop, stride = (128, 128), (96, 86)  # stage 1 of a window: 32 x 32 x 32 values, split over two threads
+    try:
+        ms.set_num_threads(2)
+        ref = mmseg_slide_reference(model, photo, crop, stride)
+        np.testing.assert_array_equal(inf.slide_logits(model, photo, crop, stride), ref)
+    finally:
+        ms.set_num_threads(1)
+
+
 def test_whole_mmseg(model, photo):
     work = mmseg_size(photo.shape[:2], (2048, 64))  # the model's input is 64 x 64: scale (2048, 64)
     assert work == (64, 96)
@@ -219,12 +232,13 @@ MEASURE = textwrap.dedent("""
 
 def test_6000x4000_slide_peak_memory(tmp_path):
     """150 labels, crop 512, stride 512 (96 windows): the (150, 4000, 6000) float32 scores alone would be 14.4 GB.
-    The whole command -- reading the PNG, segmenting, writing the label map -- must stay under 2 GB."""
+    The whole command -- reading the PNG, segmenting, writing the label map -- must stay under 2 GB, with two threads
+    running two windows at a time."""
     checkpoint = make_checkpoint(tmp_path / "b0-150", num_labels=150, image_size=(512, 512))
     Image.fromarray(gradient_image(4000, 6000)).save(tmp_path / "drone.png", compress_level=1)
     command = [sys.executable, "-m", "mininp_segformer", "predict", str(tmp_path / "drone.png"), "--model",
                str(checkpoint), "--out", str(tmp_path / "out"), "--mode", "slide", "--crop", "512", "--stride",
-               "512", "--threads", "1", "-q"]
+               "512", "--threads", "2", "-q"]  # two windows at a time
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     out = subprocess.run([sys.executable, "-c", MEASURE, *command], capture_output=True, text=True, env=env,
                          cwd=REPO_ROOT, timeout=600)
@@ -277,3 +291,39 @@ def test_slide_keeps_few_rows_of_windows_and_any_backend_gives_mmseg(model, phot
     ref = mmseg_slide_reference(numpy_model, photo, crop, stride)
     np.testing.assert_array_equal(inf.segment(photo, numpy_model, mode="slide", crop=crop, stride=stride),
                                   ref.argmax(axis=0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The allocator: freed activations reused, not fresh pages at every pass (memory.keep_freed_memory)
+
+PAGE_FAULTS = textwrap.dedent("""
+    import resource, numpy as np
+    import mininp_segformer as ms
+    from mininp_segformer.weights import random_state_dict
+    ms.set_num_threads(1)
+    config = ms.variant_config("b0", num_labels=150)
+    model = ms.Segformer(config, random_state_dict(config, seed=0), image_size=(256, 256))
+    x = np.random.default_rng(0).standard_normal((1, 3, 256, 256)).astype(np.float32)
+    for _ in range(3):
+        model(x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model(x)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
+def test_a_forward_pass_reuses_freed_memory():
+    """On glibc, `import mininp_segformer` keeps freed memory for reuse, so a warm forward pass takes (almost) no
+    fresh pages from the kernel; with the user's own MALLOC_* settings (here glibc's initial 128 KB, which also turn
+    its adaptive threshold off) it is left alone, and every pass faults its large activations in anew."""
+    def faults(**env):
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, timeout=300,
+                             env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), **env), cwd=REPO_ROOT)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    kept = faults()
+    default = faults(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    print(f"page faults of a warm B0 pass at 256 x 256: {kept} (freed memory kept), {default} (glibc's defaults)")
+    assert default > 1000 and kept < default / 10

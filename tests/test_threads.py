@@ -95,3 +95,40 @@ def test_a_forked_child_runs_the_kernels(thread_count):
         child.kill()
         pytest.fail("the forked child hung in a kernel")
     assert child.exitcode == 0 and queue.get(timeout=5) == 4096 * 64
+
+
+def test_map_one_thread_each_runs_each_item_on_one_thread_in_order(thread_count):
+    """Results in the items' order whatever finishes first; inside, the kernels' and BLAS's threads are 1; after,
+    BLAS has its threads back; `on_done` once per item, in the calling thread."""
+    thread_count(2)
+    caller, seen, done = threading.get_ident(), [], []
+
+    def fn(item):
+        seen.append((threading.get_ident(), threads.get_num_threads(), threads._blas_threads()))
+        if item == 0:
+            threading.Event().wait(0.05)  # the first item finishes last
+        return item * item
+
+    assert threads.map_one_thread_each(fn, range(5), lambda: done.append(threading.get_ident())) == [0, 1, 4, 9, 16]
+    assert {(n, blas) for _, n, blas in seen} == {(1, 1)} and caller not in {t for t, _, _ in seen}
+    assert done == [caller] * 5
+    assert threads.get_num_threads() == 2 and threads._blas_threads() in (2, None)
+
+
+def test_map_one_thread_each_passes_errors_on_and_restores_blas(thread_count):
+    thread_count(2)
+
+    def fn(item):
+        if item == 3:
+            raise ValueError("item 3")
+        return item
+
+    with pytest.raises(ValueError, match="item 3"):
+        threads.map_one_thread_each(fn, range(6))
+    assert threads._blas_threads() in (2, None)
+
+
+def test_map_one_thread_each_on_one_thread_stays_in_the_caller(thread_count):
+    thread_count(1)
+    caller = threading.get_ident()
+    assert threads.map_one_thread_each(lambda item: threading.get_ident(), range(3)) == [caller] * 3

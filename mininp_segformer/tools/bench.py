@@ -4,7 +4,7 @@
     python -m mininp_segformer.tools.bench --variant b2 --runs 10
     python -m mininp_segformer.tools.bench --model path/to/checkpoint --threads 2
     python -m mininp_segformer.tools.bench --cold-start            # README's first command, empty numba cache
-    python -m mininp_segformer.tools.bench --slide 4000 6000       # slide mode, window average in NumPy vs kernel
+    python -m mininp_segformer.tools.bench --slide 4000 6000       # slide mode, as it was and as it is
 
 Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
 between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
@@ -236,6 +236,8 @@ model = ms.load({model_dir!r})
 rgb = np.random.default_rng(0).integers(0, 256, ({h}, {w}, 3), dtype=np.uint8)
 crop, stride = inference.slide_geometry(model)
 average = {average}
+if {in_turn}:  # every window on all the threads, one after the other (before threads.map_one_thread_each)
+    inference.map_one_thread_each = lambda fn, items, on_done=None: [fn(item) for item in items]
 inference.segment(rgb[:crop[0], :crop[1]], model, mode="slide", crop=crop)  # kernels loaded (or compiled) first
 t = time.perf_counter()
 bands = inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average)
@@ -246,13 +248,23 @@ print(json.dumps({{"slide_seconds": time.perf_counter() - t, "windows": inferenc
 """
 
 
+SLIDE_VARIANTS = {  # name: (label, window average, windows one after the other)
+    "numpy": ("NumPy average, in turn", "inference.window_average_numpy", True),  # the first slide mode
+    "kernel": ("kernel average, in turn", "None", True),
+    "each": ("kernel, a window a thread", "None", False),  # what segment runs
+}
+
+
 def slide_processes(model_dir: str, size, threads: int) -> dict:
     """`segment(photo, model, mode="slide")` with the default windows on a random `size = (H, W)` photo, in a fresh
-    process each: "numpy" averages the windows with `inference.window_average_numpy` (in NumPy, as before the
-    kernel), "kernel" with `kernels.window_average` (what `segment` runs). Each: seconds, windows, peak RSS."""
+    process each (`SLIDE_VARIANTS`): "numpy" averages the windows with `inference.window_average_numpy` (in NumPy, as
+    before the kernel) and runs them one after the other, each on all the threads; "kernel" the same with
+    `kernels.window_average`; "each" is what `segment` runs: the kernel, and the windows of a row side by side, one
+    thread each (`threads.map_one_thread_each`). Each: seconds, windows, peak RSS."""
     runs = {}
-    for name, average in (("numpy", "inference.window_average_numpy"), ("kernel", "None")):
-        code = _SLIDE_SNIPPET.format(threads=threads, model_dir=model_dir, h=size[0], w=size[1], average=average)
+    for name, (_, average, in_turn) in SLIDE_VARIANTS.items():
+        code = _SLIDE_SNIPPET.format(threads=threads, model_dir=model_dir, h=size[0], w=size[1], average=average,
+                                     in_turn=in_turn)
         r = run_process([sys.executable, "-c", code])
         runs[name] = r if "error" in r else json.loads(r["stdout"].strip().splitlines()[-1])
     return runs
@@ -398,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-start", action="store_true",
                    help="instead: the README's first command in fresh processes, with an empty numba cache and again")
     p.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
-                   help="instead: slide mode on an H x W photo (e.g. 4000 6000), the window average in NumPy and in "
-                        "its kernel")
+                   help="instead: slide mode on an H x W photo (e.g. 4000 6000): the window average in NumPy and in "
+                        "its kernel, the windows in turn and a window a thread")
     return p
 
 
@@ -515,14 +527,14 @@ def format_slide(runs: dict, args) -> str:
     lines = [f"slide mode on a {args.slide[0]} x {args.slide[1]} photo, {args.model or args.variant} "
              f"({args.num_labels} labels), crop {first.get('crop')} stride {first.get('stride')}, "
              f"{first.get('windows')} windows, {args.threads} thread(s); {machine()}",
-             f"{'window average':<28}{'seconds':>9}{'s/window':>10}{'peak RSS':>10}{'speed-up':>10}"]
-    for name, label in (("numpy", "NumPy (before the kernel)"), ("kernel", "kernels.window_average")):
+             f"{'windows':<28}{'seconds':>9}{'s/window':>10}{'peak RSS':>10}{'speed-up':>10}"]
+    for name, (label, _, _) in SLIDE_VARIANTS.items():
         r = runs[name]
         if "error" in r:
             lines.append(f"{label:<28}{r['error']}")
             continue
         ratio = (f"{runs['numpy']['slide_seconds'] / r['slide_seconds']:.2f}x"
-                 if name == "kernel" and "numpy" in ok else "")
+                 if name != "numpy" and "numpy" in ok else "")
         lines.append(f"{label:<28}{r['slide_seconds']:>9.1f}{r['slide_seconds'] / r['windows']:>10.3f}"
                      f"{r['peak_rss_mb']:>7.0f} MB{ratio:>10}")
     return "\n".join(lines)
