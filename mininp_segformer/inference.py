@@ -240,14 +240,17 @@ def slide_bands(model, rgb, crop, stride, band_rows: int = BAND_ROWS, on_window=
     window = (rows[0][1] - rows[0][0], cols[0][1] - cols[0][0])  # every window has this size
     held = min(len(rows), slide_rows_held(crop, stride))  # rows of windows that can overlap an unfinished row
     average = average or (window_average if model.backend == "numba" else window_average_numpy)
-    logits, origins, done = None, np.zeros((held * len(cols), 2), dtype=np.int64), 0
+    origins, done = np.zeros((held * len(cols), 2), dtype=np.int64), 0
+    logits = np.empty((len(origins), *stage_sizes(model.config, *window)[0], model.config.num_labels), np.float32)
     for k, (y0, y1) in enumerate(rows):
         slot = (k % held) * len(cols)  # overwrites row k - held, which no unfinished row needs (slide_rows_held)
-        outs = map_one_thread_each(lambda span: image_logits(model, rgb[y0:y1, span[0]:span[1]]), cols, on_window)
-        for c, ((x0, _), out) in enumerate(zip(cols, outs)):
-            if logits is None:
-                logits = np.empty((len(origins),) + out.shape, dtype=np.float32)
-            logits[slot + c], origins[slot + c] = out, (y0, x0)
+
+        def run(c, y0=y0, y1=y1, slot=slot):  # each window into its own slot
+            x0, x1 = cols[c]
+            logits[slot + c], origins[slot + c] = image_logits(model, rgb[y0:y1, x0:x1]), (y0, x0)
+
+        # in train mode (dropout from model.rng, BatchNorm's running statistics) the windows must run in order
+        map_one_thread_each(run, range(len(cols)), on_window, workers=1 if model.training else None)
         # the windows held, oldest row first and left to right: mmseg's order of summing
         slots = [(m % held) * len(cols) + c for m in range(max(0, k + 1 - held), k + 1) for c in range(len(cols))]
         finished = rows[k + 1][0] if k + 1 < len(rows) else h  # no later window starts above this row

@@ -31,7 +31,7 @@ MEMORY_ENV = "MININP_SEGFORMER_MAX_MEMORY"
 # glibc's mallopt parameters and the values keep_freed_memory sets
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_FREED_BYTES = 512 * 2**20  # freed memory a process keeps before returning it to the system
-HEAP_BLOCK_BYTES = 32 * 2**20  # blocks up to this size come from the heap, not mmap (glibc's largest allowed)
+HEAP_BLOCK_BYTES = 4 * 2**20 * ctypes.sizeof(ctypes.c_long)  # glibc's largest mmap threshold: 32 MB on 64-bit
 FLOAT32 = 4
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _limit: int | float | None = None  # set_max_memory's bytes (math.inf: no limit); None: the default
@@ -82,19 +82,26 @@ def keep_freed_memory() -> bool:
     one (its adaptive threshold only follows blocks up to the largest freed so far), so each pass has the kernel fault
     in and zero fresh pages: about 7000 page faults per B0 pass at 512 x 512, which cost 15-25 % of its time
     (docs/performance.md, "Memory"). Here blocks up to HEAP_BLOCK_BYTES come from the heap, and the heap keeps up to
-    KEEP_FREED_BYTES of freed memory. Peak memory is unchanged; between passes the process keeps what it used.
+    KEEP_FREED_BYTES of freed memory. A pass needs no more memory than before, but the process keeps what it freed,
+    so its RSS stays nearer its peak (and a peak RSS measured over many steps can come out a little higher).
 
-    Left alone off glibc, or when the environment already sets MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ (set
-    them to glibc's defaults, 131072 each, to opt out).
+    Left alone off glibc, and when the environment already tunes malloc (MALLOC_MMAP_THRESHOLD_,
+    MALLOC_TRIM_THRESHOLD_, or glibc.malloc.* in GLIBC_TUNABLES; set MALLOC_TRIM_THRESHOLD_=131072, glibc's
+    default, to opt out).
     """
-    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+    if (any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
         return False
     try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process already uses
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+    except (OSError, ValueError, AttributeError, TypeError):  # no confstr name (macOS, Windows), not glibc (musl)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+    heap = mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)
+    kept = mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES)
+    return bool(heap and kept)
 
 
 def parse_size(text) -> int | float:

@@ -26,6 +26,8 @@ _threads = None  # set_num_threads's n; None: every core numba may use
 _pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use
 _pool_lock = threading.Lock()
 _local = threading.local()  # .threads: 1 in `map_one_thread_each`'s workers, whose kernels must not split further
+_each_lock = threading.Lock()
+_each_calls, _each_blas = 0, None  # map_one_thread_each calls running; BLAS's threads before the first of them
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -70,17 +72,18 @@ def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
             f.result()
 
 
-def map_one_thread_each(fn, items, on_done=None) -> list:
-    """[fn(item) for item in items], computed `get_num_threads()` items at a time, each in a thread of its own that
-    runs its kernels and BLAS on one thread; `on_done()` is called in the calling thread as each result arrives, in
-    order. `fn` must not depend on which thread runs it (the kernels' results do not depend on their split, and
-    OpenBLAS's products do not depend on its thread count: tested bit for bit in tests/test_inference.py).
+def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> list:
+    """[fn(item) for item in items], computed `workers` (default `get_num_threads()`) items at a time, each in a
+    thread of its own that runs its kernels and BLAS on one thread; `on_done()` is called in the calling thread as
+    each result arrives, in order. `fn` must not depend on which thread runs it (the kernels' results do not depend
+    on their split, and OpenBLAS's products do not depend on its thread count: tested bit for bit in
+    tests/test_inference.py). An error in any item reaches the caller, and the items not started are dropped.
 
     Two batch-1 forward passes of B0 at 512 x 512 side by side take 130-142 ms a window against 180-186 ms for one
     after the other on two threads (docs/performance.md, "Slide mode").
     """
     items = list(items)
-    workers = min(get_num_threads(), len(items))
+    workers = min(workers or get_num_threads(), len(items))
     if workers <= 1:
         results = []
         for item in items:
@@ -93,18 +96,34 @@ def map_one_thread_each(fn, items, on_done=None) -> list:
         _local.threads = 1
         return fn(item)
 
-    blas_threads = _blas_threads() or get_num_threads()
-    _set_blas_threads(1)  # process-wide: the calling thread only waits meanwhile
+    _blas_one_thread(True)  # process-wide: the calling thread only waits meanwhile
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer_each")
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer_each") as pool:
-            results = []
-            for result in pool.map(one_thread, items):
-                results.append(result)
-                if on_done is not None:
-                    on_done()
-            return results
+        results = []
+        for result in pool.map(one_thread, items):
+            results.append(result)
+            if on_done is not None:
+                on_done()
+        return results
     finally:
-        _set_blas_threads(blas_threads)
+        pool.shutdown(cancel_futures=True)  # after an error (or Ctrl-C) the items not started are not run
+        _blas_one_thread(False)
+
+
+def _blas_one_thread(enter: bool) -> None:
+    """BLAS on one thread while any `map_one_thread_each` runs (callers on several threads may overlap); its
+    threads as they were when the last one leaves."""
+    global _each_calls, _each_blas
+    with _each_lock:
+        if enter:
+            if _each_calls == 0:
+                _each_blas = _blas_threads() or get_num_threads()
+                _set_blas_threads(1)
+            _each_calls += 1
+        else:
+            _each_calls -= 1
+            if _each_calls == 0:
+                _set_blas_threads(_each_blas)
 
 
 def _worker_pool(workers: int) -> ThreadPoolExecutor:

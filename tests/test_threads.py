@@ -115,17 +115,53 @@ def test_map_one_thread_each_runs_each_item_on_one_thread_in_order(thread_count)
     assert threads.get_num_threads() == 2 and threads._blas_threads() in (2, None)
 
 
-def test_map_one_thread_each_passes_errors_on_and_restores_blas(thread_count):
+def test_map_one_thread_each_passes_errors_on_drops_the_rest_and_restores_blas(thread_count):
     thread_count(2)
+    started = []
 
     def fn(item):
-        if item == 3:
-            raise ValueError("item 3")
+        started.append(item)
+        if item == 1:
+            raise ValueError("item 1")
+        threading.Event().wait(0.02)
         return item
 
-    with pytest.raises(ValueError, match="item 3"):
-        threads.map_one_thread_each(fn, range(6))
+    with pytest.raises(ValueError, match="item 1"):
+        threads.map_one_thread_each(fn, range(40))
+    assert len(started) < 40  # the items not started when the error came are not run
     assert threads._blas_threads() in (2, None)
+
+
+def test_overlapping_callers_leave_blas_as_it_was(thread_count):
+    """Two callers on two threads: A enters, B enters, A leaves while B still runs -- BLAS stays on one thread
+    until the last one leaves, then has its two threads back."""
+    thread_count(2)
+    started = {name: threading.Event() for name in "AB"}
+    release = {name: threading.Event() for name in "AB"}
+
+    def caller(name):
+        def item(_):
+            started[name].set()
+            release[name].wait(10)
+        threads.map_one_thread_each(item, range(2))
+
+    a, b = (threading.Thread(target=caller, args=(name,)) for name in "AB")
+    a.start()
+    assert started["A"].wait(10)
+    b.start()
+    assert started["B"].wait(10)
+    release["A"].set()
+    a.join(10)
+    assert threads._blas_threads() in (1, None)  # B is still inside its map
+    release["B"].set()
+    b.join(10)
+    assert threads._blas_threads() in (2, None)
+
+
+def test_map_one_thread_each_with_one_worker_runs_in_turn(thread_count):
+    thread_count(2)
+    caller = threading.get_ident()
+    assert threads.map_one_thread_each(lambda item: threading.get_ident(), range(3), workers=1) == [caller] * 3
 
 
 def test_map_one_thread_each_on_one_thread_stays_in_the_caller(thread_count):

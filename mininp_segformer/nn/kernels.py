@@ -77,7 +77,7 @@ event.register("numba:compile", _CompileNotice())
 # in the process that compiled a kernel and in later ones that load it from the disk cache (1 ulp apart; measured
 # for GELU and LayerNorm). Results must not depend on that, so the reductions below (`_sum`) fix their own order.
 # error_model="numpy": a float division by zero gives inf as in NumPy, instead of Python's ZeroDivisionError, whose
-# check per element kept LLVM from vectorising GELU's 1 / (1 + a / 2) (3.5x slower; docs/performance.md).
+# check per element kept LLVM from vectorising GELU's 1 / (1 + a / 2) (GELU 2.6x slower; docs/performance.md).
 _FLAGS = dict(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
 
 _LOG2E = np.float32(1.4426950408889634)

@@ -237,7 +237,8 @@ rgb = np.random.default_rng(0).integers(0, 256, ({h}, {w}, 3), dtype=np.uint8)
 crop, stride = inference.slide_geometry(model)
 average = {average}
 if {in_turn}:  # every window on all the threads, one after the other (before threads.map_one_thread_each)
-    inference.map_one_thread_each = lambda fn, items, on_done=None: [fn(item) for item in items]
+    each = inference.map_one_thread_each
+    inference.map_one_thread_each = lambda fn, items, on_done=None, workers=None: each(fn, items, on_done, workers=1)
 inference.segment(rgb[:crop[0], :crop[1]], model, mode="slide", crop=crop)  # kernels loaded (or compiled) first
 t = time.perf_counter()
 bands = inference.slide_bands(model, rgb, crop, stride, argmax=True, average=average)
