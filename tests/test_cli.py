@@ -233,7 +233,8 @@ def test_bench_is_delegated(monkeypatch):
     fake = types.ModuleType("mininp_segformer.tools.bench")
     fake.main = lambda argv: seen.append(argv) or 3
     monkeypatch.setitem(sys.modules, "mininp_segformer.tools.bench", fake)
-    monkeypatch.setattr(sys.modules["mininp_segformer"], "bench", fake, raising=False)
+    # `from . import bench` in tools/cli.py reads the package's attribute, set once the real module was imported
+    monkeypatch.setattr(sys.modules["mininp_segformer.tools"], "bench", fake, raising=False)
     assert cli.main(["bench", "--runs", "2", "--quick"]) == 3
     assert seen == [["--runs", "2", "--quick"]]
 
