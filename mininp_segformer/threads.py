@@ -84,13 +84,17 @@ def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> 
     """
     items = list(items)
     workers = min(workers or get_num_threads(), len(items))
-    if workers <= 1:
-        results = []
-        for item in items:
-            results.append(fn(item))
+
+    def collect(results):  # in order, calling on_done as each arrives
+        done = []
+        for result in results:
+            done.append(result)
             if on_done is not None:
                 on_done()
-        return results
+        return done
+
+    if workers <= 1:
+        return collect(map(fn, items))
 
     def one_thread(item):
         _local.threads = 1
@@ -99,12 +103,7 @@ def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> 
     _blas_one_thread(True)  # process-wide: the calling thread only waits meanwhile
     pool = ThreadPoolExecutor(workers, thread_name_prefix="mininp_segformer_each")
     try:
-        results = []
-        for result in pool.map(one_thread, items):
-            results.append(result)
-            if on_done is not None:
-                on_done()
-        return results
+        return collect(pool.map(one_thread, items))
     finally:
         pool.shutdown(cancel_futures=True)  # after an error (or Ctrl-C) the items not started are not run
         _blas_one_thread(False)

@@ -396,6 +396,8 @@ def save_checkpoint(directory: str | Path, config: SegformerConfig, state: dict[
     d.setdefault("architectures", [detect_head(state)])
     if not d["architectures"]:
         d["architectures"] = [detect_head(state)]
+    if np.dtype(dtype) != np.float32:  # transformers 5 loads a model in the stored dtype unless the config names
+        d["dtype"] = "float32"  # one, and its CPU convolutions reject fp16: this makes it upcast on loading
     (directory / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
     # .copy(order="C"), not np.ascontiguousarray, which would turn the 0-d num_batches_tracked into shape (1,)
     tensors = {k: (v.astype(dtype) if v.dtype.kind == "f" else v).copy(order="C") for k, v in state.items()}

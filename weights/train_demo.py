@@ -108,11 +108,6 @@ def export_fp16(run: Path, directory: Path, size: int) -> None:
     config.json + fp16 model.safetensors + preprocessor_config.json at size x size, as the shipped model."""
     config, _, _ = load_checkpoint(run)  # checked strictly; the tensors again with num_batches_tracked, which it drops
     save_checkpoint(directory, config, read_safetensors(run / WEIGHTS_NAME), dtype=np.float16)
-    # transformers 5 loads a model in the dtype its config names, else in the stored one: fp16, which its CPU
-    # convolutions reject. "dtype": "float32", as its own save_pretrained writes, makes it upcast on loading.
-    config_path = directory / "config.json"
-    config_json = json.loads(config_path.read_text(encoding="utf-8"))
-    config_path.write_text(json.dumps({**config_json, "dtype": "float32"}, indent=2) + "\n", encoding="utf-8")
     (directory / PREPROCESSOR_NAME).write_text(json.dumps(preprocessor_config((size, size)), indent=2) + "\n",
                                                encoding="utf-8")
 
