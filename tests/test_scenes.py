@@ -69,4 +69,5 @@ def test_demo_model_held_out_miou():
         targets += labels
     scores = evaluate(preds, targets, num_labels=len(CLASS_NAMES))
     print("held-out mIoU", round(scores["mean_iou"], 4), dict(zip(CLASS_NAMES, scores["per_class_iou"].round(3))))
-    assert scores["mean_iou"] >= 0.90
+    # measured 0.9317 (weights/train_demo.log); 0.913 is the torch-trained model it replaced, the bar it had to clear
+    assert scores["mean_iou"] >= 0.913

@@ -1,6 +1,7 @@
 """Train the demo checkpoint from scratch on procedural scenes with PyTorch and transformers (dev-only): the script
-that made the shipped `weights/segformer-b0-shapes/` (log: `train_demo_torch.log`). `weights/train_demo.py` is
-the same recipe on mininp_segformer's own trainer, without torch.
+that made the first demo model (held-out mIoU 0.9133; log: `train_demo_torch.log`). `weights/train_demo.py` is the
+same recipe on mininp_segformer's own trainer, without torch; its model (0.9317) replaced this one as the shipped
+`weights/segformer-b0-shapes/` on 2026-11-27.
 
     pip install torch==2.13.0 transformers==5.23.0
     python weights/train_demo_torch.py                                  # ~1 h on one CPU core; logs to stdout
@@ -164,7 +165,8 @@ def main(argv=None) -> None:
     p.add_argument("--init", type=Path, help="continue from this exported checkpoint instead of a random init")
     p.add_argument("--first-seed", type=int, default=TRAIN_SEED_START,
                    help="scene seed of the first training image (use a fresh range when continuing with --init)")
-    p.add_argument("--out", type=Path, default=ROOT / "weights" / "segformer-b0-shapes")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "train_demo_torch",
+                   help="where the fp16 model goes (weights/segformer-b0-shapes is the NumPy-trained one now)")
     args = p.parse_args(argv)
 
     transformers.utils.logging.disable_progress_bar()
