@@ -295,6 +295,18 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
+def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """safetensors' `save_file`, and then the mode any new file gets (0o666 less the umask). safetensors 0.8 writes
+    through a temporary file created 0o600 and renames it into place (safetensors issue #782), which would keep a
+    saved model from the other users of a shared machine, or from a container's unprivileged user."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def detect_head(keys, config: SegformerConfig | None = None) -> str:
     """Which transformers class a set of keys was saved from."""
     keys = set(keys)
@@ -388,8 +400,6 @@ def load_checkpoint(directory: str | Path) -> tuple[SegformerConfig, str, dict[s
 def save_checkpoint(directory: str | Path, config: SegformerConfig, state: dict[str, np.ndarray],
                     dtype=np.float32) -> Path:
     """Write `config.json` + `model.safetensors` (Hub layout) to `directory`; `dtype` float16 halves the size."""
-    from safetensors.numpy import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     d = config.to_dict()
@@ -401,7 +411,7 @@ def save_checkpoint(directory: str | Path, config: SegformerConfig, state: dict[
     (directory / CONFIG_NAME).write_text(json.dumps(d, indent=2) + "\n", encoding="utf-8")
     # .copy(order="C"), not np.ascontiguousarray, which would turn the 0-d num_batches_tracked into shape (1,)
     tensors = {k: (v.astype(dtype) if v.dtype.kind == "f" else v).copy(order="C") for k, v in state.items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(directory / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     return directory
 
 

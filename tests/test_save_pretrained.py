@@ -60,6 +60,17 @@ def test_the_files_are_the_hubs(case, tmp_path):
     assert processor["image_processor_type"] == "SegformerImageProcessor" and processor["resample"] == 2
 
 
+def test_the_files_get_the_usual_permissions(case, tmp_path):
+    """model.safetensors too: safetensors' writer alone leaves it 0o600 (its issue #782), unreadable to other users."""
+    model, _, _, _ = case
+    old_umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path / "saved")
+    finally:
+        os.umask(old_umask)
+    assert {(tmp_path / "saved" / name).stat().st_mode & 0o777 for name in os.listdir(tmp_path / "saved")} == {0o644}
+
+
 def test_float64_model_saves_float32(case, tmp_path):
     model, x, _, meta = case
     f64 = ms.Segformer(model.config, model.state_dict(), backend="numpy", dtype="float64")

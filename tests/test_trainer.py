@@ -96,6 +96,9 @@ def test_train_writes_the_hf_layout_and_checkpoints(setup, tmp_path, capsys):
     assert (out / "training_curves.png").stat().st_size > 0
     assert latest_checkpoint(out) == checkpoint  # no checkpoint at the last step: the final model is out itself
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
+    # every file readable as any new file is (umask), the safetensors ones too: safetensors' writer alone gives 0o600
+    assert {p.stat().st_mode for p in [*checkpoint.iterdir(), *out.glob("*.safetensors")]} == {
+        (out / "config.json").stat().st_mode}
 
 
 def run(args, **kwargs):

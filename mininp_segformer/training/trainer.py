@@ -53,7 +53,7 @@ from ..errors import CheckpointError, SegformerError
 from ..model import Segformer, value_and_grad
 from ..preprocessing import postprocess, preprocess
 from ..tools.metrics import evaluate
-from ..weights import fsync_dir, is_parameter, load_checkpoint, read_safetensors
+from ..weights import fsync_dir, is_parameter, load_checkpoint, read_safetensors, write_safetensors
 from .augment import batches
 from .data import Dataset, read_sample
 from .optim import NVLABS_CUSTOM_KEYS, AdamW, AdamWState, PolySchedule, adamw_step, init_state, load_state, state_arrays
@@ -186,8 +186,6 @@ def save_training_checkpoint(out, model: Segformer, state: AdamWState, settings:
     """Write `out/checkpoint-STEP/` (STEP = state.step; the layout in the module doc) atomically: everything goes
     to a staging directory, is fsync'ed, then renamed into place. A failure (a full disk) removes the staging
     directory, leaves every earlier checkpoint as it was and raises a SegformerError."""
-    from safetensors.numpy import save_file
-
     out = Path(out)
     final = out / f"{CHECKPOINT_PREFIX}{state.step}"
     staging = out / f".{final.name}.{os.getpid()}.{os.urandom(4).hex()}.saving"
@@ -196,7 +194,7 @@ def save_training_checkpoint(out, model: Segformer, state: AdamWState, settings:
     try:
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(staging)  # itself atomic: staging appears whole or not at all
-        save_file(state_arrays(state), str(staging / OPTIMIZER_NAME))
+        write_safetensors(staging / OPTIMIZER_NAME, state_arrays(state))
         (staging / TRAINER_STATE_NAME).write_text(json.dumps(trainer_state, indent=1) + "\n", encoding="utf-8")
         for name in (OPTIMIZER_NAME, TRAINER_STATE_NAME):
             with open(staging / name, "rb") as f:
