@@ -22,6 +22,12 @@ import llvmlite.binding as llvm
 import numba
 
 MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth handing to another thread (~20 us)
+# A pass that only streams its rows through once (a bias add after a product) gains nothing from a second thread
+# until the array outgrows the caches (likely because the rows the other thread reads sit in the cache of the core
+# that wrote them).
+# After a product on 2 cores (docs/performance.md, "Threads"): the bias add of a 2 MB output takes 0.09 ms on one
+# thread and 0.25 ms split in two; of 8 MB, 0.34 and 0.38 ms; of 64 MB, 4.7 and 2.8 ms.
+STREAM_MIN_BLOCK = 1 << 21  # elements (8 MB of float32): below it, such a pass stays on the calling thread
 _threads = None  # set_num_threads's n; None: every core numba may use
 _pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use
 _pool_lock = threading.Lock()
@@ -51,14 +57,15 @@ def get_num_threads() -> int:
                                                                         numba.config.NUMBA_NUM_THREADS))
 
 
-def parallel_rows(kernel, rows: int, *args, row_size: int = 1) -> None:
+def parallel_rows(kernel, rows: int, *args, row_size: int = 1, min_block: int = MIN_BLOCK) -> None:
     """Run `kernel(*args, start, stop)` over the rows 0:rows, split into one contiguous block per thread.
 
     The first block runs in the calling thread, the others on the pool; `kernel` must release the GIL (numba's
-    `nogil=True`) for them to run at once. Fewer blocks when a block would hold fewer than MIN_BLOCK elements
-    (`row_size`: elements per row). Blocks write disjoint rows, so the result does not depend on the split.
+    `nogil=True`) for them to run at once. Fewer blocks when a block would hold fewer than `min_block` elements
+    (`row_size`: elements per row; STREAM_MIN_BLOCK for a pass that only streams memory). Blocks write disjoint
+    rows, so the result does not depend on the split.
     """
-    blocks = max(1, min(get_num_threads(), rows, rows * row_size // MIN_BLOCK))
+    blocks = max(1, min(get_num_threads(), rows, rows * row_size // min_block))
     if blocks == 1:
         kernel(*args, 0, rows)
         return

@@ -40,6 +40,16 @@ def test_small_work_stays_in_the_calling_thread(thread_count):
     assert seen == [(threading.get_ident(), 0, 64)]  # 64 x 16 elements: less than a block's worth
 
 
+def test_a_streaming_pass_splits_only_past_its_larger_block(thread_count):
+    thread_count(2)
+    for rows, blocks in ((threads.STREAM_MIN_BLOCK // 64, 1), (2 * threads.STREAM_MIN_BLOCK // 64, 2)):
+        seen = []
+        threads.parallel_rows(lambda start, stop: seen.append((start, stop)), rows, row_size=64,
+                              min_block=threads.STREAM_MIN_BLOCK)
+        assert len(seen) == blocks  # while the default MIN_BLOCK splits both in two
+        assert sorted(seen)[0][0] == 0 and sorted(seen)[-1][1] == rows
+
+
 def test_an_error_in_any_block_reaches_the_caller(thread_count):
     thread_count(3)
 

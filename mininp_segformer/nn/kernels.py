@@ -34,7 +34,7 @@ from numba import njit
 from numba.core import event
 
 from ..config import LAYER_NORM_EPS
-from ..threads import parallel_rows
+from ..threads import STREAM_MIN_BLOCK, parallel_rows
 from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
                      depthwise_conv3x3_weight_grad, relu, resize_bilinear, rows)
 
@@ -421,10 +421,11 @@ def _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu):
 
 
 def linear(x, weight, bias=None):
-    """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to all cores."""
+    """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to a kernel, split across the
+    cores only for an output larger than the caches (`threads.STREAM_MIN_BLOCK`)."""
     y = rows(x) @ weight.T  # one product over all leading axes (layers.rows)
     if bias is not None:
-        parallel_rows(_add_bias, y.shape[0], y, _f32(bias), row_size=y.shape[1])
+        parallel_rows(_add_bias, y.shape[0], y, _f32(bias), row_size=y.shape[1], min_block=STREAM_MIN_BLOCK)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
