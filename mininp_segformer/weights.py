@@ -296,15 +296,37 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    """safetensors' `save_file`, and then the mode any new file gets (0o666 less the umask). safetensors 0.8 writes
-    through a temporary file created 0o600 and renames it into place (safetensors issue #782), which would keep a
-    saved model from the other users of a shared machine, or from a container's unprivileged user."""
+    """safetensors' `save_file`, and then the mode any new file gets (`give_usual_mode`)."""
     from safetensors.numpy import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    umask = os.umask(0)  # the only way to read it is to set it: put it straight back
+    give_usual_mode(path)
+
+
+def give_usual_mode(path: str | Path) -> None:
+    """Set `path` to the mode any new file gets: 0o666 less the umask. safetensors 0.8 writes through a temporary file
+    created 0o600 and renames it into place (safetensors issue #782), which would keep a saved model from the other
+    users of a shared machine, or from a container's unprivileged user. A file system without Unix modes (FAT, some
+    network mounts) refuses the chmod: the file is written all the same."""
+    try:
+        os.chmod(path, 0o666 & ~_umask())
+    except OSError:
+        pass
+
+
+def _umask() -> int:
+    """The process's umask: from /proc on Linux; elsewhere by setting it, the only way to read it, and straight back
+    (for an instant the whole process has umask 0)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return umask
 
 
 def detect_head(keys, config: SegformerConfig | None = None) -> str:

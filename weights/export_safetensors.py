@@ -73,7 +73,7 @@ def export(directory: Path, output: Path) -> Path:
     from safetensors.torch import save_file
 
     from mininp_segformer.weights import (CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME, CheckpointError,
-                                          count_parameters, load_checkpoint, to_hub_name)
+                                          count_parameters, give_usual_mode, load_checkpoint, to_hub_name)
 
     if not (directory / CONFIG_NAME).is_file():
         raise SystemExit(f"{directory} has no config.json; the checkpoint's config is needed next to its weights")
@@ -94,6 +94,7 @@ def export(directory: Path, output: Path) -> Path:
     try:
         shutil.copy2(directory / CONFIG_NAME, staging / CONFIG_NAME)
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+        give_usual_mode(staging / WEIGHTS_NAME)  # safetensors' writer leaves it 0o600
         try:
             config, head, checked = load_checkpoint(staging)  # strict: one error listing every mismatch
         except CheckpointError as e:

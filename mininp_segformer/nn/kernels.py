@@ -422,7 +422,7 @@ def _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu):
 
 def linear(x, weight, bias=None):
     """nn.Linear (twin of `layers.linear`): the product goes to BLAS, the bias add to a kernel, split across the
-    cores only for an output larger than the caches (`threads.STREAM_MIN_BLOCK`)."""
+    cores only for an output larger than the caches (8 MB a thread, `threads.STREAM_MIN_BLOCK`)."""
     y = rows(x) @ weight.T  # one product over all leading axes (layers.rows)
     if bias is not None:
         parallel_rows(_add_bias, y.shape[0], y, _f32(bias), row_size=y.shape[1], min_block=STREAM_MIN_BLOCK)
