@@ -75,6 +75,14 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
     return FLOAT32 * batch * (inputs + peak + held)
 
 
+def on_glibc() -> bool:
+    """Whether the process runs on GNU libc (not musl, macOS or Windows)."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+    except (AttributeError, ValueError, OSError):  # no confstr (Windows), or no such name (macOS, musl)
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse, instead of returning it to the system at once; True if done.
 
@@ -90,13 +98,11 @@ def keep_freed_memory() -> bool:
     default, to opt out).
     """
     if (any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
-            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")):
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")) or not on_glibc():
         return False
     try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return False
         mallopt = ctypes.CDLL(None).mallopt  # the C library the process already uses
-    except (OSError, ValueError, AttributeError, TypeError):  # no confstr name (macOS, Windows), not glibc (musl)
+    except (OSError, AttributeError, TypeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     heap = mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK_BYTES)

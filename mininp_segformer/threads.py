@@ -24,9 +24,8 @@ import numba
 MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth handing to another thread (~20 us)
 # A pass that only streams its rows through once (a bias add after a product) gains nothing from a second thread
 # until the array outgrows the caches (likely because the rows the other thread reads sit in the cache of the core
-# that wrote them).
-# After a product on 2 cores (docs/performance.md, "Threads"): the bias add of a 2 MB output takes 0.09 ms on one
-# thread and 0.25 ms split in two; of 8 MB, 0.34 and 0.38 ms; of 64 MB, 4.7 and 2.8 ms.
+# that wrote them). After a product on 2 cores (docs/performance.md, "Threads"): the bias add of a 2 MB output takes
+# 0.09 ms on one thread and 0.25 ms split in two; of 8 MB, 0.34 and 0.38 ms; of 64 MB, 4.7 and 2.8 ms.
 STREAM_MIN_BLOCK = 1 << 21  # elements (8 MB of float32) per block: on 2 threads, outputs of 16 MB and more split
 _threads = None  # set_num_threads's n; None: every core numba may use
 _pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use

@@ -15,6 +15,7 @@ import mininp_segformer as ms
 from mininp_segformer import inference as inf
 from mininp_segformer.nn.layers import resize_bilinear, softmax
 from mininp_segformer.inference import align_size, mmseg_size, rescale_size
+from mininp_segformer.memory import on_glibc
 from mininp_segformer.preprocessing import normalize, resize_image
 from mininp_segformer.weights import CLASSIFICATION, random_state_dict
 from tests.conftest import REPO_ROOT
@@ -312,14 +313,7 @@ PAGE_FAULTS = textwrap.dedent("""
 """)
 
 
-def _glibc() -> bool:
-    try:
-        return os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
-    except (AttributeError, ValueError, OSError):
-        return False
-
-
-@pytest.mark.skipif(not _glibc(), reason="a setting of glibc's malloc: other C libraries are left alone")
+@pytest.mark.skipif(not on_glibc(), reason="a setting of glibc's malloc: other C libraries are left alone")
 def test_a_forward_pass_reuses_freed_memory():
     """On glibc, `import mininp_segformer` keeps freed memory for reuse, so a warm forward pass takes (almost) no
     fresh pages from the kernel; with the user's own MALLOC_* settings (here glibc's initial 128 KB, which also turn
