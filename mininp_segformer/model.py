@@ -22,6 +22,7 @@ from .nn.decoder import (all_mlp_decode_head, all_mlp_decode_head_backward, clas
 from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backward
 from .nn.layers import EVAL, Mode
 from .preprocessing import load_image, postprocess, preprocess
+from .threads import keep_cores_awake
 from .weights import (BACKBONE, CLASSIFICATION, PREPROCESSOR_NAME, SEMANTIC, check_state_dict, detect_head, flatten,
                       is_parameter, load_checkpoint, save_pretrained, unflatten)
 
@@ -179,6 +180,7 @@ class Segformer:
             raise ValueError("pixel_values contain NaN or inf; check the image and the preprocessing")
         return x
 
+    @keep_cores_awake()  # the pass hands work between threads some hundred times (threads.keep_cores_awake)
     def __call__(self, pixel_values, labels=None, output_hidden_states: bool = False, output_attentions: bool = False):
         """`pixel_values: (B, C, H, W)` float32 -> SegformerOutput (see there for shapes); with `labels` (`(B, H, W)`
         class ids for segmentation, `(B,)` or `(B, num_labels)` for classification) also HF's loss, `out.loss`."""
@@ -333,6 +335,7 @@ def predict(image, model=None) -> np.ndarray:
     return postprocess(logits, target_sizes=[rgb.shape[:2]])[0]
 
 
+@keep_cores_awake()
 def value_and_grad(model: Segformer, pixel_values, labels, input_grad: bool = False):
     """The loss of HF's head for `labels` and its gradient with respect to every trainable parameter.
 

@@ -9,10 +9,14 @@ do the same, but compiles each kernel 4-7 times slower, and that compile is what
 Work made of independent pieces too small to split well (slide mode's windows: batch-1 forward passes whose thin
 products OpenBLAS splits poorly) goes the other way: `map_one_thread_each` runs one piece per thread, each on one
 thread (its kernels and its BLAS calls).
+
+While a forward or backward pass runs on several threads, `keep_cores_awake` keeps the cores it uses from sleeping
+between those hand-overs (as ONNX Runtime's and OpenMP's spinning thread pools do).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
@@ -20,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import llvmlite.binding as llvm
 import numba
+import numpy as np
 
 MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth handing to another thread (~20 us)
 # A pass that only streams its rows through once (a bias add after a product) gains nothing from a second thread
@@ -33,6 +38,13 @@ _pool_lock = threading.Lock()
 _local = threading.local()  # .threads: 1 in `map_one_thread_each`'s workers, whose kernels must not split further
 _each_lock = threading.Lock()
 _each_calls, _each_blas = 0, None  # map_one_thread_each calls running; BLAS's threads before the first of them
+SPIN = os.environ.get("MININP_SEGFORMER_SPIN", "1") != "0"  # keep_cores_awake on (the default) or off
+SPIN_YIELDS = 1 << 20  # a spinner goes back to Python after this many yields (0.2 s here), so it never spins lost
+_awake_lock = threading.Lock()
+_awake_calls = 0  # keep_cores_awake bodies running
+_awake_cpus: list[int] = []  # the CPUs a spinner is running on (or was started for)
+_running = np.zeros(1, np.int64)  # 1 while a keep_cores_awake body runs: the spinners read it
+_wake = threading.Event()  # set while a body runs: the spinners wait on it in between
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -115,6 +127,83 @@ def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> 
         _blas_one_thread(False)
 
 
+@contextlib.contextmanager
+def keep_cores_awake():
+    """While the body runs on more than one thread, keep the cores it runs on from sleeping (Linux).
+
+    A pass hands work between threads a few hundred times (each `parallel_rows` and each BLAS product) and every
+    hand-over that finds a core asleep waits for it to wake. On a virtual machine that wait is long: B0 at 512 x 512
+    on 2 cores takes 100 ms back to back but 130 ms after half a second idle (docs/performance.md, "Threads").
+    So a spinner thread per core yields the core in a loop for as long as the body runs: it runs at the lowest
+    priority there is (SCHED_IDLE), so any other thread that wants the core gets it at once. Nested bodies share
+    the spinners. Off with MININP_SEGFORMER_SPIN=0 (or `threads.SPIN = False`), e.g. on a shared machine where an
+    idle core is worth more than the time.
+    """
+    global _awake_calls
+    cpus = _spinner_cpus()
+    if not cpus:
+        yield
+        return
+    with _awake_lock:
+        if _awake_calls == 0:
+            _start_spinners(cpus)
+            _running[0] = 1
+            _wake.set()
+        _awake_calls += 1
+    try:
+        yield
+    finally:
+        with _awake_lock:
+            _awake_calls -= 1
+            if _awake_calls == 0:
+                _wake.clear()  # before _running: a spinner that returns now then waits, it does not spin again
+                _running[0] = 0
+
+
+_sched_yield = numba.types.ExternalFunction("sched_yield", numba.types.int32())  # libc's, found by name
+
+
+@numba.njit(nogil=True, cache=True)
+def _spin(running, limit):
+    """Give the core away (`sched_yield`) until running[0] is 0, at most `limit` times; returns the times. The call
+    to C makes the loop read running[0] anew each time."""
+    n = 0
+    while running[0] != 0 and n < limit:
+        _sched_yield()
+        n += 1
+    return n
+
+
+def _spinner(cpu: int) -> None:
+    """A spinner's thread: pinned to `cpu` at the lowest priority, it spins while `_wake` is set."""
+    try:
+        os.sched_setaffinity(0, {cpu})  # 0: this thread
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:  # not allowed here: a spinner at normal priority would take time from the work, so none
+        return
+    while True:
+        _wake.wait()
+        _spin(_running, SPIN_YIELDS)
+
+
+def _spinner_cpus() -> list[int]:
+    """The CPUs to keep awake now: as many as the threads in use, of those this process may run on."""
+    n = get_num_threads()
+    if not SPIN or n < 2 or not hasattr(os, "SCHED_IDLE"):
+        return []
+    return sorted(os.sched_getaffinity(0))[:n]
+
+
+def _start_spinners(cpus: list[int]) -> None:
+    """A spinner thread for each CPU of `cpus` that has none yet (daemons: they never hold up the exit)."""
+    if not _awake_cpus:
+        _spin(_running, 0)  # compiled (or loaded from numba's cache) here, not at the spinners' lowest priority
+    for cpu in cpus:
+        if cpu not in _awake_cpus:
+            threading.Thread(target=_spinner, args=(cpu,), name=f"mininp_segformer_spin{cpu}", daemon=True).start()
+            _awake_cpus.append(cpu)
+
+
 def _blas_one_thread(enter: bool) -> None:
     """BLAS on one thread while any `map_one_thread_each` runs (callers on several threads may overlap); its
     threads as they were when the last one leaves."""
@@ -143,8 +232,10 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
 
 def _forget_pool() -> None:
     """In a forked child the parent's pool threads do not exist: start over (a new lock too, it may be held)."""
-    global _pool, _pool_size, _pool_lock
+    global _pool, _pool_size, _pool_lock, _awake_lock, _awake_calls, _awake_cpus, _wake
     _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+    _awake_lock, _awake_calls, _awake_cpus, _wake = threading.Lock(), 0, [], threading.Event()
+    _running[0] = 0
 
 
 if hasattr(os, "register_at_fork"):

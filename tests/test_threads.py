@@ -1,8 +1,11 @@
 """threads.parallel_rows: the kernels' rows split across threads -- every row once, the same bits for any number of
-threads, errors reaching the caller, and a forked child that does not wait for its parent's threads."""
+threads, errors reaching the caller, and a forked child that does not wait for its parent's threads; and
+keep_cores_awake's spinners, which run only while a body does."""
 
 import multiprocessing
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -68,8 +71,10 @@ def _kernel_outputs():
     b = rng.standard_normal(64, dtype=np.float32)
     small = rng.standard_normal((2, 10, 13, 64), dtype=np.float32)
     lw = rng.standard_normal((32, 64), dtype=np.float32)
+    streamed = rng.standard_normal((3 * threads.STREAM_MIN_BLOCK // 64 + 7, 64), dtype=np.float32)  # 2-3 blocks
     return {
-        "gelu": kernels.gelu(x), "softmax": kernels.softmax(x), "layer_norm": kernels.layer_norm(x, b, b),
+        "gelu": kernels.gelu(x), "softmax": kernels.softmax(x), "layer_norm": kernels.layer_norm(streamed, b, b),
+        "linear_streamed": kernels.linear(streamed, np.eye(64, dtype=np.float32), b),
         "depthwise_conv3x3_gelu": kernels.depthwise_conv3x3_gelu(x, w, b), "linear": kernels.linear(x, lw, b[:32]),
         "im2col": kernels.im2col(x, 7, 4, 3), "add_resized": kernels.add_resized(x.copy(), small),
         "resized_argmax": kernels.resized_argmax(x[0].transpose(2, 0, 1), (97, 203)),
@@ -85,26 +90,28 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads(thread_count):
             np.testing.assert_array_equal(out, one[name], err_msg=f"{name} on {n} threads")
 
 
-def _layer_norm_in_child(queue):
-    x = np.ones((4096, 64), np.float32)
-    queue.put(float(kernels.layer_norm(x, x[0], x[0]).sum()))
+def _softmax_in_child(queue):
+    with threads.keep_cores_awake():  # the parent's spinners are not here either
+        queue.put(float(kernels.softmax(np.ones((4096, 64), np.float32)).sum()))
 
 
 def test_a_forked_child_runs_the_kernels(thread_count):
-    """A child forked after the parent's pool started has none of its threads: it must make its own, not wait."""
+    """A child forked after the parent's pool and spinners started has none of their threads: it must make its
+    own, not wait."""
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("no fork on this platform")
     thread_count(2)
-    kernels.layer_norm(np.ones((4096, 64), np.float32), np.ones(64, np.float32), np.ones(64, np.float32))  # pool up
+    with threads.keep_cores_awake():
+        kernels.softmax(np.ones((4096, 64), np.float32))  # pool up (two blocks of MIN_BLOCK or more)
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    child = ctx.Process(target=_layer_norm_in_child, args=(queue,))
+    child = ctx.Process(target=_softmax_in_child, args=(queue,))
     child.start()
     child.join(timeout=60)
     if child.is_alive():
         child.kill()
         pytest.fail("the forked child hung in a kernel")
-    assert child.exitcode == 0 and queue.get(timeout=5) == 4096 * 64
+    assert child.exitcode == 0 and queue.get(timeout=5) == 4096  # each row's softmax sums to 1
 
 
 def test_map_one_thread_each_runs_each_item_on_one_thread_in_order(thread_count):
@@ -178,3 +185,65 @@ def test_map_one_thread_each_on_one_thread_stays_in_the_caller(thread_count):
     thread_count(1)
     caller = threading.get_ident()
     assert threads.map_one_thread_each(lambda item: threading.get_ident(), range(3)) == [caller] * 3
+
+
+spinners_here = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or len(os.sched_getaffinity(0)) < 2,
+                                   reason="keep_cores_awake spins only on Linux, and with 2 cores or more")
+
+
+def _spinner_seconds() -> dict[str, float]:
+    """CPU seconds each spinner thread has used so far (/proc's user + system time), by thread name."""
+    seconds = {}
+    for t in threading.enumerate():
+        if t.name.startswith("mininp_segformer_spin"):
+            with open(f"/proc/self/task/{t.native_id}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the name, which may hold spaces
+            seconds[t.name] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _spun(seconds: float = 0.4) -> dict[str, float]:
+    """CPU seconds each spinner uses while this thread sleeps `seconds` (the cores otherwise idle)."""
+    before = _spinner_seconds()
+    time.sleep(seconds)
+    after = _spinner_seconds()
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
+@spinners_here
+def test_keep_cores_awake_spins_at_the_lowest_priority_only_while_the_body_runs(thread_count, monkeypatch):
+    thread_count(2)
+    monkeypatch.setattr(threads, "SPIN_YIELDS", 1 << 62)  # the spinners stop because the body ends, not by time
+    with threads.keep_cores_awake():
+        spun = _spun()
+        spinners = [t for t in threading.enumerate() if t.name.startswith("mininp_segformer_spin")]
+        assert len(spun) == len(spinners) == 2 and all(s > 0.1 for s in spun.values()), spun
+        assert {os.sched_getscheduler(t.native_id) for t in spinners} == {os.SCHED_IDLE}
+        cpus = sorted(os.sched_getaffinity(0))[:2]
+        assert sorted(tuple(os.sched_getaffinity(t.native_id)) for t in spinners) == [(c,) for c in cpus]
+    time.sleep(0.05)
+    assert all(s < 0.05 for s in _spun().values())  # stopped: waiting, not spinning
+
+
+@spinners_here
+def test_nested_bodies_share_the_spinners_and_an_error_stops_them(thread_count, monkeypatch):
+    thread_count(2)
+    monkeypatch.setattr(threads, "SPIN_YIELDS", 1 << 62)
+    with pytest.raises(ValueError, match="inner"):
+        with threads.keep_cores_awake():
+            with threads.keep_cores_awake():
+                pass
+            spun = _spun()  # the inner body has ended, the outer one has not
+            assert len(spun) == 2 and all(s > 0.1 for s in spun.values()), spun
+            raise ValueError("inner")
+    time.sleep(0.05)
+    assert all(s < 0.05 for s in _spun().values())
+
+
+@spinners_here
+def test_no_spinning_on_one_thread_or_when_turned_off(thread_count, monkeypatch):
+    for n, spin in ((1, True), (2, False)):
+        thread_count(n)
+        monkeypatch.setattr(threads, "SPIN", spin)
+        with threads.keep_cores_awake():
+            assert all(s < 0.05 for s in _spun().values())
