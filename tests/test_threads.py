@@ -240,10 +240,17 @@ def test_nested_bodies_share_the_spinners_and_an_error_stops_them(thread_count, 
     assert all(s < 0.05 for s in _spun().values())
 
 
+def _spun_awake(_):
+    with threads.keep_cores_awake():
+        return _spun(0.3)
+
+
 @spinners_here
 def test_no_spinning_on_one_thread_or_when_turned_off(thread_count, monkeypatch):
+    thread_count(2)
+    for spun in threads.map_one_thread_each(_spun_awake, range(2)):  # each item on one thread: no spinners
+        assert all(s < 0.05 for s in spun.values()), spun
     for n, spin in ((1, True), (2, False)):
         thread_count(n)
         monkeypatch.setattr(threads, "SPIN", spin)
-        with threads.keep_cores_awake():
-            assert all(s < 0.05 for s in _spun().values())
+        assert all(s < 0.05 for s in _spun_awake(None).values())
