@@ -10,16 +10,20 @@ Work made of independent pieces too small to split well (slide mode's windows: b
 products OpenBLAS splits poorly) goes the other way: `map_one_thread_each` runs one piece per thread, each on one
 thread (its kernels and its BLAS calls).
 
-While a forward or backward pass runs on several threads, `keep_cores_awake` keeps the cores it uses from sleeping
-between those hand-overs (as ONNX Runtime's and OpenMP's spinning thread pools do).
+While a forward or backward pass runs on every core, `keep_cores_awake` keeps the cores from sleeping between its
+hand-overs of work from one thread to another (as ONNX Runtime's and OpenMP's spinning thread pools do).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
+import platform
+import sys
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import llvmlite.binding as llvm
@@ -39,12 +43,9 @@ _local = threading.local()  # .threads: 1 in `map_one_thread_each`'s workers, wh
 _each_lock = threading.Lock()
 _each_calls, _each_blas = 0, None  # map_one_thread_each calls running; BLAS's threads before the first of them
 SPIN = os.environ.get("MININP_SEGFORMER_SPIN", "1") != "0"  # keep_cores_awake on (the default) or off
-SPIN_YIELDS = 1 << 20  # a spinner goes back to Python after this many yields (0.2 s here), so it never spins lost
-_awake_lock = threading.Lock()
-_awake_calls = 0  # keep_cores_awake bodies running
-_awake_cpus: list[int] = []  # the CPUs a spinner is running on (or was started for)
-_running = np.zeros(1, np.int64)  # 1 while a keep_cores_awake body runs: the spinners read it
-_wake = threading.Event()  # set while a body runs: the spinners wait on it in between
+_spin_lock = threading.Lock()
+_spin_flags: dict[int, np.ndarray] = {}  # CPU -> its spinner's flag (int32: a futex word), 1 while it must spin
+_spin_bodies: dict[int, int] = {}  # CPU -> keep_cores_awake bodies running that keep it awake
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -129,79 +130,118 @@ def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> 
 
 @contextlib.contextmanager
 def keep_cores_awake():
-    """While the body runs on more than one thread, keep the cores it runs on from sleeping (Linux).
+    """While the body runs on every core this thread may use (Linux on x86-64), keep those cores from sleeping.
 
-    A pass hands work between threads a few hundred times (each `parallel_rows` and each BLAS product) and every
-    hand-over that finds a core asleep waits for it to wake. On a virtual machine that wait is long: B0 at 512 x 512
-    on 2 cores takes 100 ms back to back but 130 ms after half a second idle (docs/performance.md, "Threads").
-    So a spinner thread per core yields the core in a loop for as long as the body runs: it runs at the lowest
-    priority there is (SCHED_IDLE), so any other thread that wants the core gets it at once. Nested bodies share
-    the spinners. Off with MININP_SEGFORMER_SPIN=0 (or `threads.SPIN = False`), e.g. on a shared machine where an
-    idle core is worth more than the time.
+    A pass hands work from one thread to another a few hundred times (each `parallel_rows` and each BLAS product),
+    and a hand-over that finds the other core asleep waits for it to wake. On a virtual machine that wait is long:
+    B0 at 512 x 512 on 2 cores took 100 ms back to back but 130 ms with half a second between passes
+    (docs/performance.md, first section). So each core gets a spinner thread, pinned to it, that gives the core
+    away (`sched_yield`) in a loop while a body runs. It runs at the lowest priority Linux has (SCHED_IDLE): a
+    thread with work to do takes the core from it at once. Between bodies it sleeps in the kernel (a futex), and it
+    never holds the GIL after it starts. Nested bodies and bodies on several Python threads share the spinners.
+
+    No spinners when the pass does not use every core this thread may run on (the work may run on the others),
+    under a cgroup CPU quota (spinning would spend it), or with MININP_SEGFORMER_SPIN=0 / `threads.SPIN = False`
+    (e.g. on a machine shared with other work, where an idle core is worth more than the time).
     """
-    global _awake_calls
     cpus = _spinner_cpus()
-    if not cpus:
-        yield
-        return
-    with _awake_lock:
-        if _awake_calls == 0:
-            _start_spinners(cpus)
-            _running[0] = 1
-            _wake.set()
-        _awake_calls += 1
+    kept = []  # the CPUs this body has counted so far, so that an interruption undoes exactly those
     try:
+        with _spin_lock:
+            for cpu in cpus:
+                if _spin_bodies.get(cpu, 0) == 0 and not _start_spinning(cpu):
+                    break  # could not start a spinner here: none at all from now on (`SPIN` is now False)
+                _spin_bodies[cpu] = _spin_bodies.get(cpu, 0) + 1
+                kept.append(cpu)
         yield
     finally:
-        with _awake_lock:
-            _awake_calls -= 1
-            if _awake_calls == 0:
-                _wake.clear()  # before _running: a spinner that returns now then waits, it does not spin again
-                _running[0] = 0
+        with _spin_lock:
+            for cpu in kept:
+                _spin_bodies[cpu] -= 1
+                if _spin_bodies[cpu] == 0:
+                    _spin_flags[cpu][0] = 0  # the spinner sees it at its next yield and goes to sleep
 
 
 _sched_yield = numba.types.ExternalFunction("sched_yield", numba.types.int32())  # libc's, found by name
+_syscall = numba.types.ExternalFunction("syscall", numba.types.int64(*[numba.types.int64] * 5))
+_SYS_SCHED_SETSCHEDULER, _SYS_FUTEX, _FUTEX_WAIT, _FUTEX_WAKE = 144, 202, 128, 129  # x86-64 Linux; _PRIVATE futexes
 
 
 @numba.njit(nogil=True, cache=True)
-def _spin(running, limit):
-    """Give the core away (`sched_yield`) until running[0] is 0, at most `limit` times; returns the times. The call
-    to C makes the loop read running[0] anew each time."""
-    n = 0
-    while running[0] != 0 and n < limit:
-        _sched_yield()
-        n += 1
-    return n
+def _spin(flag, policy, param):
+    """A spinner thread's whole life, never back in Python (a thread at the lowest priority must not hold the GIL,
+    which the work needs): its scheduling policy set to `policy` (SCHED_IDLE, `param` its sched_param), -1 if that
+    is refused; then for good: while flag[0] is 1, give the core away; while it is 0, sleep in the kernel until
+    `_wake_spinner` sets it. The calls to C make the loop read flag[0] anew each time."""
+    if _syscall(_SYS_SCHED_SETSCHEDULER, 0, policy, param.ctypes.data, 0) != 0:  # 0: this thread
+        return -1
+    while True:
+        if flag[0] != 0:
+            _sched_yield()
+        else:  # FUTEX_WAIT returns at once if flag[0] is no longer 0: no wake can be missed
+            _syscall(_SYS_FUTEX, flag.ctypes.data, _FUTEX_WAIT, 0, 0)
+    return 0
 
 
-def _spinner(cpu: int) -> None:
-    """A spinner's thread: pinned to `cpu` at the lowest priority, it spins while `_wake` is set."""
+def _spinner(cpu: int, flag: np.ndarray) -> None:
+    """A spinner thread: pinned to `cpu`, then `_spin` (which puts it at the lowest priority) for good."""
+    global SPIN
     try:
         os.sched_setaffinity(0, {cpu})  # 0: this thread
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except OSError:  # not allowed here: a spinner at normal priority would take time from the work, so none
-        return
-    while True:
-        _wake.wait()
-        _spin(_running, SPIN_YIELDS)
+        refused = _spin(flag, os.SCHED_IDLE, np.zeros(1, np.int32)) != 0
+    except OSError:
+        refused = True
+    if refused:  # a spinner at normal priority would take time from the work: none at all
+        SPIN = False
+        warnings.warn(f"mininp_segformer: keep_cores_awake turned off (no SCHED_IDLE thread on CPU {cpu} here)",
+                      RuntimeWarning, stacklevel=1)
+
+
+def _start_spinning(cpu: int) -> bool:
+    """Make `cpu`'s spinner spin (its thread started on first use); False, and spinning off for good, if it cannot
+    be started (no threads left, numba unable to compile `_spin`)."""
+    global SPIN
+    try:
+        if cpu not in _spin_flags:
+            _spin.compile((numba.types.int32[::1], numba.types.int64, numba.types.int32[::1]))  # here, not in it
+            _spin_flags[cpu] = np.zeros(1, np.int32)
+            threading.Thread(target=_spinner, args=(cpu, _spin_flags[cpu]), daemon=True,
+                             name=f"mininp_segformer_spin{cpu}").start()
+    except Exception as e:  # noqa: BLE001 -- spinning only ever saves time: without it the pass runs as before
+        SPIN = False
+        warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({e})", RuntimeWarning, stacklevel=2)
+        return False
+    _wake_spinner(_spin_flags[cpu])
+    return True
+
+
+def _wake_spinner(flag: np.ndarray) -> None:
+    flag[0] = 1
+    _libc.syscall(ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(flag.ctypes.data), ctypes.c_long(_FUTEX_WAKE),
+                  ctypes.c_long(1))
 
 
 def _spinner_cpus() -> list[int]:
-    """The CPUs to keep awake now: as many as the threads in use, of those this process may run on."""
-    n = get_num_threads()
-    if not SPIN or n < 2 or not hasattr(os, "SCHED_IDLE"):
+    """The CPUs to keep awake now: every one this thread may run on, if the threads in use are as many (and no
+    CPU quota applies); else none."""
+    if not (SPIN and _CAN_SPIN):
         return []
-    return sorted(os.sched_getaffinity(0))[:n]
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus if len(cpus) > 1 and get_num_threads() >= len(cpus) and not _cpu_quota() else []
 
 
-def _start_spinners(cpus: list[int]) -> None:
-    """A spinner thread for each CPU of `cpus` that has none yet (daemons: they never hold up the exit)."""
-    if not _awake_cpus:
-        _spin(_running, 0)  # compiled (or loaded from numba's cache) here, not at the spinners' lowest priority
-    for cpu in cpus:
-        if cpu not in _awake_cpus:
-            threading.Thread(target=_spinner, args=(cpu,), name=f"mininp_segformer_spin{cpu}", daemon=True).start()
-            _awake_cpus.append(cpu)
+@functools.cache
+def _cpu_quota() -> bool:
+    """True if a cgroup (v2) caps this process's CPU time (docker --cpus, Kubernetes limits)."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            return f.read().split()[0] != "max"
+    except (OSError, IndexError):
+        return False
+
+
+_CAN_SPIN = sys.platform == "linux" and platform.machine() == "x86_64" and hasattr(os, "SCHED_IDLE")
+_libc = ctypes.CDLL(None, use_errno=True) if _CAN_SPIN else None
 
 
 def _blas_one_thread(enter: bool) -> None:
@@ -231,11 +271,13 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
 
 
 def _forget_pool() -> None:
-    """In a forked child the parent's pool threads do not exist: start over (a new lock too, it may be held)."""
-    global _pool, _pool_size, _pool_lock, _awake_lock, _awake_calls, _awake_cpus, _wake
+    """In a forked child the parent's pool and spinner threads do not exist: start over (new locks too, they may be
+    held)."""
+    global _pool, _pool_size, _pool_lock, _spin_lock
     _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
-    _awake_lock, _awake_calls, _awake_cpus, _wake = threading.Lock(), 0, [], threading.Event()
-    _running[0] = 0
+    _spin_lock = threading.Lock()  # and no spinners: they start again on first use
+    _spin_flags.clear()
+    _spin_bodies.clear()
 
 
 if hasattr(os, "register_at_fork"):
