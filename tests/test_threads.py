@@ -280,3 +280,28 @@ def test_a_spinner_that_cannot_start_turns_spinning_off_and_the_body_runs(thread
         with threads.keep_cores_awake():
             ran.append(True)
     assert ran and threads.SPIN is False and threads._spin_bodies == {}
+
+
+@spinners_here
+def test_a_forward_and_a_backward_pass_keep_the_cores_awake(thread_count, monkeypatch):
+    """`Segformer.__call__` and `value_and_grad` run inside keep_cores_awake: every core is counted while the
+    encoder runs, none after."""
+    import mininp_segformer as ms
+    from mininp_segformer import model as model_module
+    from mininp_segformer.weights import random_state_dict
+
+    thread_count(len(os.sched_getaffinity(0)))
+    config = ms.variant_config("b0", num_labels=3)
+    model = ms.Segformer(config, random_state_dict(config, seed=0))
+    seen, encoder = [], model_module.mix_transformer
+
+    def recording_encoder(*args, **kwargs):
+        seen.append(sorted(cpu for cpu, bodies in threads._spin_bodies.items() if bodies))
+        return encoder(*args, **kwargs)
+
+    monkeypatch.setattr(model_module, "mix_transformer", recording_encoder)
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    model(x)
+    ms.value_and_grad(model, x, np.zeros((1, 64, 64), np.int64))
+    assert seen == [sorted(os.sched_getaffinity(0))] * 2
+    assert not any(threads._spin_bodies.values())
