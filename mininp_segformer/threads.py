@@ -180,7 +180,7 @@ def _spin(flag, policy, param):
             _sched_yield()
         else:  # FUTEX_WAIT returns at once if flag[0] is no longer 0: no wake can be missed
             _syscall(_SYS_FUTEX, flag.ctypes.data, _FUTEX_WAIT, 0, 0)
-    return 0
+    return 0  # never reached: it gives numba the return type
 
 
 def _spinner(cpu: int, flag: np.ndarray) -> None:
