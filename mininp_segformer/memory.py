@@ -51,8 +51,9 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
                                                                    the previous block's probabilities, which the
                                                                    encoder's loop holds until the block returns
                            Mix-FFN           2 x N_i m_i C_i       the expansion (mlp ratio m_i) and its dwconv
-        decoder        the four stage maps + (fused) 3 x N_1 D + N_1 labels, or (literal) 11 x N_1 D + N_1 labels:
-                       the projections upsampled to 1/4 resolution, their sum or concatenation, the logits
+        decoder        the four stage maps + the logits, N_1 labels, + (fused) stages 2-4 projected at their own
+                       sizes, (N_2 + N_3 + N_4) D (the rest runs in bands of 1 MB), or (literal) 11 x N_1 D: the
+                       projections upsampled to 1/4 resolution and their concatenation
         attentions     with `output_attentions`, every block's probabilities are kept: sum of depth_i heads_i N_i N_r
 
     `decoder`: "fused", "literal" or None (no decode head: a backbone or a classifier).
@@ -70,7 +71,8 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
         kept, channels_in, previous = kept + n * c, c, scores
     if decoder is not None:
         d, n1 = config.decoder_hidden_size, tokens[0]
-        peak = max(peak, kept + (3 if decoder == "fused" else 11) * n1 * d + n1 * config.num_labels)
+        head = sum(tokens[1:]) * d if decoder == "fused" else 11 * n1 * d
+        peak = max(peak, kept + head + n1 * config.num_labels)
     held = attentions if output_attentions else 0
     return FLOAT32 * batch * (inputs + peak + held)
 

@@ -128,6 +128,38 @@ def map_one_thread_each(fn, items, on_done=None, workers: int | None = None) -> 
         _blas_one_thread(False)
 
 
+def parallel_bands(fn, rows: int, band: int) -> None:
+    """Call `fn(start, stop)` on each band of `band` rows that tiles 0:rows, one contiguous run of bands per thread.
+
+    For work that goes through several products and kernels per band, such as the fused decoder's sum, ReLU and
+    classifier: a band's data stays in its core's cache from its first step to its last, and the threads meet once
+    instead of at every step. Meanwhile each thread runs its kernels and BLAS on one thread (as in
+    `map_one_thread_each`); bands write disjoint rows, and neither depends on the thread counts, so the result
+    does not depend on the split. A single band (or a single thread) runs in the calling thread as usual.
+    """
+    bands = -(-rows // band)
+
+    def run(first, last):  # the bands first:last
+        for k in range(first, last):
+            fn(k * band, min(rows, (k + 1) * band))
+
+    def run_one_thread(first, last):
+        outer, _local.threads = getattr(_local, "threads", None), 1
+        try:
+            run(first, last)
+        finally:
+            _local.threads = outer
+
+    if min(get_num_threads(), bands) == 1:  # in turn, each band free to use every thread
+        run(0, bands)
+        return
+    _blas_one_thread(True)
+    try:
+        parallel_rows(run_one_thread, bands, min_block=1)
+    finally:
+        _blas_one_thread(False)
+
+
 @contextlib.contextmanager
 def keep_cores_awake():
     """While the body runs on every core this thread may use (Linux on x86-64), keep those cores from sleeping.
@@ -285,27 +317,28 @@ if hasattr(os, "register_at_fork"):
 
 
 def _set_blas_threads(n: int) -> None:
-    """Tell NumPy's BLAS (OpenBLAS, or MKL / BLIS through threadpoolctl when installed) to use n threads."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        pass
-    else:
-        threadpool_limits(n, user_api="blas")
-        return
-    # Without threadpoolctl: call OpenBLAS's own setter in the library NumPy loaded (Linux, macOS).
+    """Tell NumPy's BLAS to use n threads: OpenBLAS's own setter (a C call), else MKL's or BLIS's through
+    threadpoolctl when installed."""
     setter = _openblas_function("set_num_threads")
     if setter is not None:
         setter(ctypes.c_int(n))
+        return
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(n, user_api="blas")
 
 
 def _blas_threads() -> int | None:
-    """The threads NumPy's BLAS uses now (through threadpoolctl when installed, else OpenBLAS's getter), or None."""
+    """The threads NumPy's BLAS uses now (OpenBLAS's getter, else through threadpoolctl when installed), or None."""
+    getter = _openblas_function("get_num_threads")
+    if getter is not None:
+        return int(getter())
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
-        getter = _openblas_function("get_num_threads")
-        return int(getter()) if getter is not None else None
+        return None
     counts = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     return counts[0] if counts else None
 
@@ -324,6 +357,7 @@ def code_paths() -> dict[str, str]:
     return {"blas": blas, "numba": numba.config.CPU_NAME or llvm.get_host_cpu_name()}
 
 
+@functools.cache  # looked up once: reading /proc/self/maps each time cost 2 ms a call
 def _openblas_function(name: str):
     """OpenBLAS's C function `openblas_<name>` (under the names NumPy's and SciPy's builds give it), or None."""
     for path in _loaded_libraries():

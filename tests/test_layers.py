@@ -156,6 +156,45 @@ def test_add_resized_kernel_equals_resize_then_add(src, dst):
                   2 * float32_sum_bound(abs_sum, 5))
 
 
+@pytest.mark.parametrize("ops", [layers, kernels], ids=["numpy", "numba"])
+def test_add_resized_in_bands_equals_the_whole(ops):
+    """`add_resized(out, x, size, start)`: `out` holds rows start:start + H of the map resized to `size`; bands that
+    tile it give the same bits as one call on the whole."""
+    x, base = randn(2, 5, 7, 6), randn(2, 19, 13, 6)
+    whole = ops.add_resized(base.copy(), x)
+    banded = base.copy()
+    for start, stop in ((0, 1), (1, 8), (8, 18), (18, 19)):
+        band = np.ascontiguousarray(banded[:, start:stop])
+        banded[:, start:stop] = ops.add_resized(band, x, (19, 13), start)
+    np.testing.assert_array_equal(banded, whole)
+
+
+@pytest.mark.parametrize("ops", [layers, kernels], ids=["numpy", "numba"])
+def test_fused_decoder_in_bands_on_any_threads_equals_the_literal_head(ops, monkeypatch):
+    """fused_decode_head works through the rows of (H_1, W_1) in bands split across the threads: many bands, the
+    last one short, batch 2 -- the same bits on 1 and 2 threads, and within float32 rounding of one band and of the
+    literal head. (Not the same bits as one band: OpenBLAS rounds a small product, such as a band's, its own way.)"""
+    from mininp_segformer.nn import decoder
+    from mininp_segformer.weights import random_state_dict, unflatten
+
+    config = variant_config("b0", num_labels=7)
+    p = unflatten(random_state_dict(config, seed=2))["decode_head"]
+    stages = [randn(2, 23 // 2**i + 1, 18 // 2**i + 1, c) for i, c in enumerate(config.hidden_sizes)]  # 24 x 19, ...
+    folded = decoder.fold_decode_head(p)
+    one = decoder.fused_decode_head(stages, folded, ops)  # 2 x 19 x 256 a row: one band holds all 24 rows
+    monkeypatch.setattr(decoder, "BAND_ELEMENTS", 5 * 2 * 19 * 256)  # bands of 5 rows: 5, 5, 5, 5, 4
+    banded = []
+    try:
+        for n in (1, 2):
+            threads.set_num_threads(n)
+            banded.append(decoder.fused_decode_head(stages, folded, ops))
+    finally:
+        threads.set_num_threads()
+    np.testing.assert_array_equal(banded[1], banded[0])
+    assert_close("fused head, bands vs one band", banded[0], one, 2e-6)
+    assert_close("fused head (bands) vs literal head", banded[0], decoder.all_mlp_decode_head(stages, p, ops), 2e-6)
+
+
 def test_layer_norm_and_softmax_match_their_formulas():
     x = randn(3, 5, 7) * 3 + 2
     w, b = randn(7), randn(7)

@@ -64,6 +64,38 @@ def test_an_error_in_any_block_reaches_the_caller(thread_count):
         threads.parallel_rows(kernel, 90, row_size=threads.MIN_BLOCK)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("rows,band", [(1, 4), (10, 3), (64, 8), (7, 100)])
+def test_parallel_bands_does_each_band_once_on_one_thread_each(thread_count, n_threads, rows, band):
+    """Every band of `band` rows (the last one short) once; inside, the kernels' and BLAS's threads are 1 when the
+    bands are split across threads; BLAS has its threads back afterwards."""
+    n_threads = thread_count(n_threads)  # no more than the machine has
+    seen, lock = [], threading.Lock()
+
+    def fn(start, stop):
+        with lock:
+            seen.append((start, stop, threads.get_num_threads(), threads._blas_threads()))
+
+    threads.parallel_bands(fn, rows, band)
+    assert sorted((start, stop) for start, stop, _, _ in seen) == [
+        (start, min(rows, start + band)) for start in range(0, rows, band)]
+    inside = 1 if min(n_threads, len(seen)) > 1 else n_threads  # one band, or one thread: in the caller as usual
+    assert {(n, blas) for _, _, n, blas in seen} <= {(inside, inside), (inside, None)}
+    assert threads.get_num_threads() == n_threads and threads._blas_threads() in (n_threads, None)
+
+
+def test_parallel_bands_passes_errors_on_and_restores_blas(thread_count):
+    thread_count(2)
+
+    def fn(start, stop):
+        if start > 0:
+            raise ValueError(f"band {start}:{stop}")
+
+    with pytest.raises(ValueError, match="band"):
+        threads.parallel_bands(fn, 40, 4)
+    assert threads._blas_threads() in (2, None) and threads.get_num_threads() == 2
+
+
 def _kernel_outputs():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 40, 50, 64), dtype=np.float32)  # 4000 rows of 64: several blocks per thread count

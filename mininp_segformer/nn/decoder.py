@@ -8,6 +8,7 @@ import numpy as np
 
 from ..config import BATCH_NORM_EPS
 from . import layers
+from ..threads import parallel_bands
 from .layers import EVAL, Mode
 
 
@@ -85,6 +86,9 @@ def all_mlp_decode_head_backward(dlogits, cache: dict, p: dict):
     return dstages, grads
 
 
+BAND_ELEMENTS = 1 << 18  # fused_decode_head's bands: 1 MB of float32 of the (B, rows, W_1, D) sum
+
+
 @dataclass(frozen=True)
 class FoldedDecodeHead:
     """The fused decoder's weights (`fold_decode_head`): per stage A_i `(D, C_i)`, the constant c `(D,)`, and the
@@ -130,13 +134,24 @@ def fused_decode_head(stages, folded: FoldedDecodeHead, ops=layers):
 
     Inference only, so it has no backward: the folded weights are functions of the trained ones (and of the running
     statistics, which train mode does not normalise with); training runs the literal `all_mlp_decode_head`.
+
+    Once stages 2-4 are projected at their own resolutions, every step is per output row, so the rest runs in bands
+    of rows of (H_1, W_1) small enough to stay in the cache from the sum to the logits, split across the threads
+    (`threads.parallel_bands`). B0 at 512 x 512 on 2 threads, the head alone: 14.2 -> 12.9 ms.
     """
     b, h, w, _ = stages[0].shape
-    fused = np.empty((b, h, w, folded.bias.shape[0]), dtype=stages[0].dtype)
-    fused[...] = folded.bias
-    for f, a in zip(stages, folded.stage_weights):
-        ops.add_resized(fused, ops.linear(f, a))  # fused += resize_bilinear(F_i A_i^T, (H_1, W_1))
-    return ops.linear(ops.relu(fused), folded.classifier_weight, folded.classifier_bias)
+    first, *rest = folded.stage_weights
+    low = [ops.linear(f, a) for f, a in zip(stages[1:], rest)]  # F_i A_i^T at stage i's resolution, i = 2..4
+    logits = np.empty((b, h, w, folded.classifier_bias.shape[0]), dtype=stages[0].dtype)
+
+    def band(start, stop):  # the output rows start:stop
+        fused = ops.linear(stages[0][:, start:stop], first, folded.bias)  # F_1 A_1^T + c
+        for p in low:
+            ops.add_resized(fused, p, (h, w), start)  # += rows start:stop of resize_bilinear(F_i A_i^T, (H_1, W_1))
+        logits[:, start:stop] = ops.linear(ops.relu(fused), folded.classifier_weight, folded.classifier_bias)
+
+    parallel_bands(band, h, band=max(1, BAND_ELEMENTS // (b * w * first.shape[0])))
+    return logits
 
 
 def classification_head(last_stage, p: dict, ops=layers, cache: dict | None = None):

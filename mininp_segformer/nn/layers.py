@@ -392,11 +392,14 @@ def resize_bilinear_backward(dout, in_size, axes=(-2, -1)):
     in_h, in_w = in_size
     return _resize_axis_backward(_resize_axis_backward(dout, ax_h, in_h), ax_w, in_w)
 
-def add_resized(out, x):
-    """`out += resize_bilinear(x, out's size, axes=(1, 2))` on channels-last maps `(B, H, W, C)`; returns `out`.
+def add_resized(out, x, size=None, start: int = 0):
+    """`out += resize_bilinear(x, size, axes=(1, 2))[:, start : start + H]` on channels-last maps, `out: (B, H, W,
+    C)`; returns `out`. `size` defaults to out's own (H, W): then the whole resized map is added.
 
-    The fused decoder's upsample-and-sum (`decoder.fused_decode_head`)."""
-    out += resize_bilinear(x, out.shape[1:3], axes=(1, 2))
+    The fused decoder's upsample-and-sum (`decoder.fused_decode_head`), which works in bands of output rows."""
+    size = out.shape[1:3] if size is None else size
+    for n in range(out.shape[0]):
+        out[n] += resize_rows(x[n], size, start, start + out.shape[1])
     return out
 
 
