@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import BATCH_NORM_EPS
-from . import layers
 from ..threads import parallel_bands
+from . import layers
 from .layers import EVAL, Mode
 
 
