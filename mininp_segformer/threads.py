@@ -167,7 +167,7 @@ def keep_cores_awake():
     A pass hands work from one thread to another a few hundred times (each `parallel_rows` and each BLAS product),
     and a hand-over that finds the other core asleep waits for it to wake. On a virtual machine that wait is long:
     B0 at 512 x 512 on 2 cores took 100 ms back to back but 130 ms with half a second between passes
-    (docs/performance.md, first section). So each core gets a spinner thread, pinned to it, that gives the core
+    (docs/performance.md, "The cores kept awake"). So each core gets a spinner thread, pinned to it, that gives the core
     away (`sched_yield`) in a loop while a body runs. It runs at the lowest priority Linux has (SCHED_IDLE): a
     thread with work to do takes the core from it at once. Between bodies it sleeps in the kernel (a futex), and it
     never holds the GIL after it starts. Nested bodies and bodies on several Python threads share the spinners.

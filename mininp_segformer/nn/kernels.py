@@ -424,7 +424,7 @@ def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     rows = _rows(x)
     out = np.empty_like(rows)
     # One pass over memory, like the bias add: split only past the caches (B0 at 512 x 512 on 2 threads, back to
-    # back: 104 -> 100 ms; docs/performance.md, first section)
+    # back: 104 -> 100 ms; docs/performance.md, "The cores kept awake")
     parallel_rows(layer_norm_rows, rows.shape[0], rows, _f32(weight), _f32(bias), float(eps), out,
                   row_size=rows.shape[1], min_block=STREAM_MIN_BLOCK)
     return out.reshape(np.shape(x))
