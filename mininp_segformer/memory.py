@@ -25,7 +25,9 @@ from pathlib import Path
 
 from .config import SegformerConfig
 from .errors import ResourceError
+from .nn.decoder import BAND_ELEMENTS
 from .nn.encoder import reduced_tokens, stage_sizes
+from .threads import get_num_threads
 
 MEMORY_ENV = "MININP_SEGFORMER_MAX_MEMORY"
 # glibc's mallopt parameters and the values keep_freed_memory sets
@@ -52,7 +54,8 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
                                                                    encoder's loop holds until the block returns
                            Mix-FFN           2 x N_i m_i C_i       the expansion (mlp ratio m_i) and its dwconv
         decoder        the four stage maps + the logits, N_1 labels, + (fused) stages 2-4 projected at their own
-                       sizes, (N_2 + N_3 + N_4) D (the rest runs in bands of 1 MB), or (literal) 11 x N_1 D: the
+                       sizes, (N_2 + N_3 + N_4) D, and per thread 3 bands of rows of the 1/4-resolution map in
+                       flight (`decoder.BAND_ELEMENTS`, at least a row W_1 D), or (literal) 11 x N_1 D: the
                        projections upsampled to 1/4 resolution and their concatenation
         attentions     with `output_attentions`, every block's probabilities are kept: sum of depth_i heads_i N_i N_r
 
@@ -71,7 +74,8 @@ def estimate_forward_bytes(config: SegformerConfig, batch: int, height: int, wid
         kept, channels_in, previous = kept + n * c, c, scores
     if decoder is not None:
         d, n1 = config.decoder_hidden_size, tokens[0]
-        head = sum(tokens[1:]) * d if decoder == "fused" else 11 * n1 * d
+        band = min(n1, max(BAND_ELEMENTS // d, sizes[0][1])) * d  # a band's rows of the (N_1, D) sum
+        head = sum(tokens[1:]) * d + 3 * band * get_num_threads() if decoder == "fused" else 11 * n1 * d
         peak = max(peak, kept + head + n1 * config.num_labels)
     held = attentions if output_attentions else 0
     return FLOAT32 * batch * (inputs + peak + held)

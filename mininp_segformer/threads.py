@@ -39,9 +39,11 @@ STREAM_MIN_BLOCK = 1 << 21  # elements (8 MB of float32) per block: on 2 threads
 _threads = None  # set_num_threads's n; None: every core numba may use
 _pool, _pool_size = None, 0  # the ThreadPoolExecutor of the blocks after the first, made on first use
 _pool_lock = threading.Lock()
-_local = threading.local()  # .threads: 1 in `map_one_thread_each`'s workers, whose kernels must not split further
+# .threads: 1 in the workers of `map_one_thread_each` and `parallel_bands`, whose kernels must not split further
+_local = threading.local()
 _each_lock = threading.Lock()
-_each_calls, _each_blas = 0, None  # map_one_thread_each calls running; BLAS's threads before the first of them
+# the map_one_thread_each and split parallel_bands calls running; BLAS's threads before the first of them
+_each_calls, _each_blas = 0, None
 SPIN = os.environ.get("MININP_SEGFORMER_SPIN", "1") != "0"  # keep_cores_awake on (the default) or off
 _spin_lock = threading.Lock()
 _spin_flags: dict[int, np.ndarray] = {}  # CPU -> its spinner's flag (int32: a futex word), 1 while it must spin
@@ -63,8 +65,8 @@ def set_num_threads(n: int | None = None) -> int:
 
 
 def get_num_threads() -> int:
-    """The threads `parallel_rows` uses: `set_num_threads`'s, else every core numba may use (1 inside
-    `map_one_thread_each`)."""
+    """The threads `parallel_rows` uses: `set_num_threads`'s, else every core numba may use (1 inside the workers of
+    `map_one_thread_each` and `parallel_bands`)."""
     return getattr(_local, "threads", None) or _threads or max(1, min(os.cpu_count() or 1,
                                                                         numba.config.NUMBA_NUM_THREADS))
 
@@ -133,9 +135,10 @@ def parallel_bands(fn, rows: int, band: int) -> None:
 
     For work that goes through several products and kernels per band, such as the fused decoder's sum, ReLU and
     classifier: a band's data stays in its core's cache from its first step to its last, and the threads meet once
-    instead of at every step. Meanwhile each thread runs its kernels and BLAS on one thread (as in
-    `map_one_thread_each`); bands write disjoint rows, and neither depends on the thread counts, so the result
-    does not depend on the split. A single band (or a single thread) runs in the calling thread as usual.
+    instead of at every step. Meanwhile each thread runs its kernels on one thread and BLAS is on one thread,
+    process-wide, as in `map_one_thread_each`; bands write disjoint rows, and neither depends on the thread counts,
+    so the result does not depend on the split. A single band (or a single thread) runs in the calling thread as
+    usual.
     """
     bands = -(-rows // band)
 
@@ -277,8 +280,8 @@ _libc = ctypes.CDLL(None, use_errno=True) if _CAN_SPIN else None
 
 
 def _blas_one_thread(enter: bool) -> None:
-    """BLAS on one thread while any `map_one_thread_each` runs (callers on several threads may overlap); its
-    threads as they were when the last one leaves."""
+    """BLAS on one thread while any `map_one_thread_each` or split `parallel_bands` runs (callers on several
+    threads may overlap); its threads as they were when the last one leaves."""
     global _each_calls, _each_blas
     with _each_lock:
         if enter:
@@ -317,8 +320,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def _set_blas_threads(n: int) -> None:
-    """Tell NumPy's BLAS to use n threads: OpenBLAS's own setter (a C call), else MKL's or BLIS's through
-    threadpoolctl when installed."""
+    """Tell NumPy's BLAS to use n threads: NumPy's OpenBLAS through its own setter (a C call), else (MKL, BLIS)
+    through threadpoolctl when installed."""
     setter = _openblas_function("set_num_threads")
     if setter is not None:
         setter(ctypes.c_int(n))
@@ -357,18 +360,34 @@ def code_paths() -> dict[str, str]:
     return {"blas": blas, "numba": numba.config.CPU_NAME or llvm.get_host_cpu_name()}
 
 
-@functools.cache  # looked up once: reading /proc/self/maps each time cost 2 ms a call
 def _openblas_function(name: str):
-    """OpenBLAS's C function `openblas_<name>` (under the names NumPy's and SciPy's builds give it), or None."""
-    for path in _loaded_libraries():
-        if "openblas" not in os.path.basename(path).lower():
-            continue
-        lib = ctypes.CDLL(path)
-        for symbol in (f"scipy_openblas_{name}64_", f"openblas_{name}64_", f"openblas_{name}"):
-            function = getattr(lib, symbol, None)
-            if function is not None:
-                return function
+    """NumPy's OpenBLAS's C function `openblas_<name>` (under the names OpenBLAS builds give it), or None."""
+    lib = _numpy_openblas()
+    if lib is None:
+        return None
+    for symbol in (f"scipy_openblas_{name}64_", f"scipy_openblas_{name}", f"openblas_{name}64_", f"openblas_{name}"):
+        function = getattr(lib, symbol, None)
+        if function is not None:
+            return function
     return None
+
+
+@functools.cache  # looked up once: reading /proc/self/maps each time cost 2 ms a BLAS thread switch
+def _numpy_openblas():
+    """The OpenBLAS library NumPy uses (ctypes), or None if NumPy's BLAS is another one (MKL, BLIS: threadpoolctl's
+    business) or none is found. Of the OpenBLAS libraries loaded (SciPy brings its own), NumPy's is the one in
+    NumPy's wheel (numpy.libs, numpy/.dylibs), else the only one."""
+    try:
+        blas = str(np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"])
+    except Exception:  # noqa: BLE001 -- NumPy < 1.26 does not say: look for OpenBLAS by name
+        blas = "openblas"
+    if "openblas" not in blas.lower():
+        return None
+    paths = [path for path in _loaded_libraries() if "openblas" in os.path.basename(path).lower()]
+    numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
+    ours = [path for path in paths if path.startswith((numpy_dir, numpy_dir + ".libs"))]
+    chosen = ours or (paths if len(paths) == 1 else [])
+    return ctypes.CDLL(chosen[0]) if chosen else None
 
 
 def _loaded_libraries() -> list[str]:

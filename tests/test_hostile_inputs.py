@@ -288,11 +288,11 @@ def test_runtime_errors_are_one_line_each(checkpoint, tmp_path):
     os.mkfifo(tmp_path / "camera.png")
     Image.fromarray(smooth_image(9, 40, 40)).save(tmp_path / "x.png")
     r = run("predict", tmp_path / "camera.png", tmp_path / "x.png", "--model", checkpoint, "--out", tmp_path / "o",
-            "--max-memory", "512K", "--palette", "5000")
+            "--max-memory", "1M", "--palette", "5000")
     assert r.returncode == 1
     fifo, memory_line, summary = error_lines(r.stderr)
     assert fifo.startswith(f"mininp-segformer: {tmp_path / 'camera.png'}: {tmp_path / 'camera.png'} is not a "
                            "regular file")
     assert memory_line.startswith(f"mininp-segformer: {tmp_path / 'x.png'}: segmenting a 40 x 40 image")
-    assert "more than the limit of 512.0 KiB" in memory_line
+    assert "more than the limit of 1.0 MiB" in memory_line
     assert summary.endswith("; 2 failed (see above)")

@@ -88,7 +88,7 @@ def test_gelu_kernel_equals_reference_and_definition():
     assert np.abs(tanh_form - fast).max() > 1e-4  # the erf form, not the tanh approximation
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 5, 9, 7), (1, 12, 3, 16), (3, 2, 17, 33)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 4, 2, 5), (2, 5, 9, 7), (1, 12, 3, 16), (3, 2, 17, 33)])
 def test_depthwise_conv_kernels_equal_their_twins(shape):
     x, c = randn(*shape) * 2, shape[-1]
     w, b = randn(c, 1, 3, 3), randn(c)
@@ -167,6 +167,9 @@ def test_add_resized_in_bands_equals_the_whole(ops):
         band = np.ascontiguousarray(banded[:, start:stop])
         banded[:, start:stop] = ops.add_resized(band, x, (19, 13), start)
     np.testing.assert_array_equal(banded, whole)
+    for bad_start, bad_size in ((12, (19, 13)), (0, (19, 12)), (-1, (19, 13))):  # past the map; another width
+        with pytest.raises(ValueError, match="is not rows"):
+            ops.add_resized(base[:, :8].copy(), x, bad_size, bad_start)
 
 
 @pytest.mark.parametrize("ops", [layers, kernels], ids=["numpy", "numba"])
@@ -182,17 +185,19 @@ def test_fused_decoder_in_bands_on_any_threads_equals_the_literal_head(ops, monk
     stages = [randn(2, 23 // 2**i + 1, 18 // 2**i + 1, c) for i, c in enumerate(config.hidden_sizes)]  # 24 x 19, ...
     folded = decoder.fold_decode_head(p)
     one = decoder.fused_decode_head(stages, folded, ops)  # 2 x 19 x 256 a row: one band holds all 24 rows
-    monkeypatch.setattr(decoder, "BAND_ELEMENTS", 5 * 2 * 19 * 256)  # bands of 5 rows: 5, 5, 5, 5, 4
-    banded = []
-    try:
-        for n in (1, 2):
-            threads.set_num_threads(n)
-            banded.append(decoder.fused_decode_head(stages, folded, ops))
-    finally:
-        threads.set_num_threads()
-    np.testing.assert_array_equal(banded[1], banded[0])
-    assert_close("fused head, bands vs one band", banded[0], one, 2e-6)
-    assert_close("fused head (bands) vs literal head", banded[0], decoder.all_mlp_decode_head(stages, p, ops), 2e-6)
+    literal = decoder.all_mlp_decode_head(stages, p, ops)
+    for elements in (5 * 2 * 19 * 256, 1):  # bands of 5 rows (5, 5, 5, 5, 4); of 1 row, the least there is
+        monkeypatch.setattr(decoder, "BAND_ELEMENTS", elements)
+        banded = []
+        try:
+            for n in (1, 2):
+                threads.set_num_threads(n)
+                banded.append(decoder.fused_decode_head(stages, folded, ops))
+        finally:
+            threads.set_num_threads()
+        np.testing.assert_array_equal(banded[1], banded[0])
+        assert_close("fused head, bands vs one band", banded[0], one, 2e-6)
+        assert_close("fused head (bands) vs literal head", banded[0], literal, 2e-6)
 
 
 def test_layer_norm_and_softmax_match_their_formulas():

@@ -84,11 +84,12 @@ def test_parallel_bands_does_each_band_once_on_one_thread_each(thread_count, n_t
     assert threads.get_num_threads() == n_threads and threads._blas_threads() in (n_threads, None)
 
 
-def test_parallel_bands_passes_errors_on_and_restores_blas(thread_count):
+@pytest.mark.parametrize("failing", [0, 20], ids=["the caller's band", "another thread's band"])
+def test_parallel_bands_passes_errors_on_and_restores_blas(thread_count, failing):
     thread_count(2)
 
-    def fn(start, stop):
-        if start > 0:
+    def fn(start, stop):  # 10 bands of 4 rows: 0-4 in the calling thread, 5-9 in the pool's on 2 threads
+        if start == failing:
             raise ValueError(f"band {start}:{stop}")
 
     with pytest.raises(ValueError, match="band"):

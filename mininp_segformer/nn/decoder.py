@@ -144,13 +144,13 @@ def fused_decode_head(stages, folded: FoldedDecodeHead, ops=layers):
     low = [ops.linear(f, a) for f, a in zip(stages[1:], rest)]  # F_i A_i^T at stage i's resolution, i = 2..4
     logits = np.empty((b, h, w, folded.classifier_bias.shape[0]), dtype=stages[0].dtype)
 
-    def band(start, stop):  # the output rows start:stop
+    def output_rows(start, stop):
         fused = ops.linear(stages[0][:, start:stop], first, folded.bias)  # F_1 A_1^T + c
         for p in low:
             ops.add_resized(fused, p, (h, w), start)  # += rows start:stop of resize_bilinear(F_i A_i^T, (H_1, W_1))
         logits[:, start:stop] = ops.linear(ops.relu(fused), folded.classifier_weight, folded.classifier_bias)
 
-    parallel_bands(band, h, band=max(1, BAND_ELEMENTS // (b * w * first.shape[0])))
+    parallel_bands(output_rows, h, band=max(1, BAND_ELEMENTS // (b * w * first.shape[0])))
     return logits
 
 

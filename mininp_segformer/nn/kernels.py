@@ -225,7 +225,8 @@ def _depthwise_conv3x3(x, weight, bias, apply_gelu, out, start, stop):
     the bias first, then the taps in (ky, kx) order. A row above or below the map reads a row of zeros; the first
     and last pixel of a row, whose left or right taps fall in the padding, skip those taps
     (`_depthwise_edge_pixel`). Summing a pixel in registers instead of adding each tap to the whole output row
-    halves the conv's time (B0's stage 1: 2.7 -> 1.4 ms a block on one thread; the same bits).
+    halves the conv's time (B0's stage 1: 2.7 -> 1.4 ms a block on one thread), with the same bits (where a sum
+    is zero its sign may differ: a row of zeros adds +0.0).
     """
     b, h, w, c = x.shape
     t, z, bits = np.empty(w * c, np.float32), np.empty(w * c, np.float32), np.empty(w * c, np.int32)
@@ -479,7 +480,9 @@ def add_resized(out, x, size=None, start: int = 0):
     """`out += resize_bilinear(x, size, axes=(1, 2))[:, start : start + H]` on channels-last maps: upsample and
     accumulate in one pass; returns out (twin of `layers.add_resized`)."""
     (b, oh, ow, c), (_, h, w, _) = out.shape, x.shape
-    size = (oh, ow) if size is None else size
+    size = (oh, ow) if size is None else tuple(size)
+    if size[1] != ow or not 0 <= start <= size[0] - oh:
+        raise ValueError(f"add_resized: out {out.shape} is not rows {start}:{start + oh} of a map of size {size}")
     i0, i1, th, _ = (a[start : start + oh] for a in bilinear_taps(h, size[0]))  # at the same size: an exact copy
     j0, j1, tw, _ = bilinear_taps(w, ow)
     acc = _f32(out)  # `out` itself when it is C-contiguous float32, as the decoder's is

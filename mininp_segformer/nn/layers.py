@@ -397,8 +397,11 @@ def add_resized(out, x, size=None, start: int = 0):
     C)`; returns `out`. `size` defaults to out's own (H, W): then the whole resized map is added.
 
     The fused decoder's upsample-and-sum (`decoder.fused_decode_head`), which works in bands of output rows."""
-    size = out.shape[1:3] if size is None else size
-    for n in range(out.shape[0]):
+    size = out.shape[1:3] if size is None else tuple(size)
+    if size[1] != out.shape[2] or not 0 <= start <= size[0] - out.shape[1]:
+        raise ValueError(f"add_resized: out {out.shape} is not rows {start}:{start + out.shape[1]} of a map of size "
+                         f"{size}")
+    for n in range(out.shape[0]):  # each image: its rows start:stop of resize_bilinear(x[n], size)
         out[n] += resize_rows(x[n], size, start, start + out.shape[1])
     return out
 
