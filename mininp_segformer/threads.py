@@ -385,7 +385,7 @@ def _numpy_openblas():
         return None
     paths = [path for path in _loaded_libraries() if "openblas" in os.path.basename(path).lower()]
     numpy_dir = os.path.dirname(os.path.abspath(np.__file__))
-    ours = [path for path in paths if path.startswith((numpy_dir, numpy_dir + ".libs"))]
+    ours = [path for path in paths if path.startswith(numpy_dir)]  # numpy/.dylibs or numpy.libs
     chosen = ours or (paths if len(paths) == 1 else [])
     return ctypes.CDLL(chosen[0]) if chosen else None
 

@@ -36,7 +36,7 @@ from numba.core import event
 from ..config import LAYER_NORM_EPS
 from ..threads import STREAM_MIN_BLOCK, parallel_rows
 from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
-                     depthwise_conv3x3_weight_grad, relu, resize_bilinear, rows)
+                     depthwise_conv3x3_weight_grad, relu, resize_bilinear, resized_band, rows)
 
 TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
@@ -480,9 +480,7 @@ def add_resized(out, x, size=None, start: int = 0):
     """`out += resize_bilinear(x, size, axes=(1, 2))[:, start : start + H]` on channels-last maps: upsample and
     accumulate in one pass; returns out (twin of `layers.add_resized`)."""
     (b, oh, ow, c), (_, h, w, _) = out.shape, x.shape
-    size = (oh, ow) if size is None else tuple(size)
-    if size[1] != ow or not 0 <= start <= size[0] - oh:
-        raise ValueError(f"add_resized: out {out.shape} is not rows {start}:{start + oh} of a map of size {size}")
+    size = resized_band(out.shape, size, start)
     i0, i1, th, _ = (a[start : start + oh] for a in bilinear_taps(h, size[0]))  # at the same size: an exact copy
     j0, j1, tw, _ = bilinear_taps(w, ow)
     acc = _f32(out)  # `out` itself when it is C-contiguous float32, as the decoder's is

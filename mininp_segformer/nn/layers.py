@@ -397,13 +397,20 @@ def add_resized(out, x, size=None, start: int = 0):
     C)`; returns `out`. `size` defaults to out's own (H, W): then the whole resized map is added.
 
     The fused decoder's upsample-and-sum (`decoder.fused_decode_head`), which works in bands of output rows."""
-    size = out.shape[1:3] if size is None else tuple(size)
-    if size[1] != out.shape[2] or not 0 <= start <= size[0] - out.shape[1]:
-        raise ValueError(f"add_resized: out {out.shape} is not rows {start}:{start + out.shape[1]} of a map of size "
-                         f"{size}")
+    size = resized_band(out.shape, size, start)
     for n in range(out.shape[0]):  # each image: its rows start:stop of resize_bilinear(x[n], size)
         out[n] += resize_rows(x[n], size, start, start + out.shape[1])
     return out
+
+
+def resized_band(shape, size, start: int) -> tuple[int, int]:
+    """`size` (default: the band's own (H, W)) once checked: a band of `shape` (B, H, W, C) must be rows
+    start:start + H of a map of that size, as wide as it (`add_resized`)."""
+    size = tuple(shape[1:3]) if size is None else tuple(size)
+    if size[1] != shape[2] or not 0 <= start <= size[0] - shape[1]:
+        raise ValueError(f"add_resized: out {tuple(shape)} is not rows {start}:{start + shape[1]} of a map of size "
+                         f"{size}")
+    return size
 
 
 BAND_ROWS = 64  # output rows `resized_argmax` makes at a time
