@@ -17,7 +17,7 @@ from .config import SegformerConfig, check_int, read_json, show_value
 from .errors import ConfigError, SegformerError
 from .memory import check_memory, estimate_forward_bytes
 from .nn import BACKENDS
-from .nn.decoder import (all_mlp_decode_head, all_mlp_decode_head_backward, classification_head,
+from .nn.decoder import (FoldedDecodeHead, all_mlp_decode_head, all_mlp_decode_head_backward, classification_head,
                          classification_head_backward, fold_decode_head, fused_decode_head)
 from .nn.encoder import min_input_size, mix_transformer, mix_transformer_backward
 from .nn.layers import EVAL, Mode
@@ -86,6 +86,7 @@ class Segformer:
         if decoder not in ("fused", "literal"):
             raise ValueError(f"decoder must be 'fused' or 'literal', got {decoder!r}")
         self.decoder = decoder
+        self._folded = None  # (copies of the decoder weights it was folded from, FoldedDecodeHead): folded_decode_head
         self.training = False
         self.rng = np.random.default_rng(seed)
         if self.head == SEMANTIC and not config.reshape_last_stage:
@@ -189,8 +190,8 @@ class Segformer:
             labels = self.check_labels(labels, x.shape[0])
         mode = self.mode
         encoder = self.params["encoder"] if self.head == BACKBONE else self.params["segformer"]["encoder"]
-        stages, attentions = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder, self.config,
-                                             output_attentions, self.ops, mode=mode)
+        stages, attentions = mix_transformer(channels_last(x), encoder, self.config, output_attentions, self.ops,
+                                             mode=mode)
         # HF's layout: (B, C, H, W) maps; the last stage as (B, N, C) tokens when reshape_last_stage is off.
         # Transposed views of our channels-last arrays: the same numbers, nothing copied.
         hidden_states = tuple(f.transpose(0, 3, 1, 2) for f in stages)
@@ -198,8 +199,8 @@ class Segformer:
             b, h, w, c = stages[-1].shape
             hidden_states = hidden_states[:-1] + (stages[-1].reshape(b, h * w, c),)
         if self.head == SEMANTIC:
-            if self.decoder == "fused" and not mode.training:  # folded from the current weights: ~1 ms for B0
-                logits = fused_decode_head(stages, fold_decode_head(self.params["decode_head"], self.dtype), self.ops)
+            if self.decoder == "fused" and not mode.training:
+                logits = fused_decode_head(stages, self.folded_decode_head(), self.ops)
             else:
                 logits = all_mlp_decode_head(stages, self.params["decode_head"], self.ops, mode)
             logits = logits.transpose(0, 3, 1, 2)
@@ -215,6 +216,16 @@ class Segformer:
             attentions=tuple(attentions) if output_attentions else None,
             loss=None if labels is None else float(self.loss(logits, labels)[0]),
         )
+
+    def folded_decode_head(self) -> FoldedDecodeHead:
+        """`fold_decode_head` of the current decoder weights, kept from one call to the next and folded again only
+        when a weight has changed since (an optimizer step, `load_state_dict`, an edit in place): compared value by
+        value, which takes a tenth of the time of folding (B2: 1.1 against 14 ms; B0: 0.1 against 1.4 ms)."""
+        weights = flatten(self.params["decode_head"])
+        if self._folded is None or not all(np.array_equal(a, weights.get(k)) for k, a in self._folded[0].items()):
+            self._folded = ({k: a.copy() for k, a in weights.items()},
+                            fold_decode_head(self.params["decode_head"], self.dtype))
+        return self._folded[1]
 
     def check_labels(self, labels, batch: int) -> np.ndarray:
         """`labels` for a batch of `batch`, checked before a forward runs (in train mode a forward changes
@@ -257,6 +268,15 @@ class Segformer:
 # ({"shortest_edge": ...}) pass get_size_dict but SegFormer's resize() rejects them, and so do we.
 DEFAULT_IMAGE_SIZE = (512, 512)
 MAX_IMAGE_SIDE = 8192  # the published checkpoints use 512, 640 and 1024
+
+
+def channels_last(x: np.ndarray) -> np.ndarray:
+    """`(B, C, H, W)` -> a C-contiguous `(B, H, W, C)` copy, the layout the network works in. Channel by channel:
+    NumPy copies a 3-channel 512 x 512 image that way in 0.46 ms, through one 4-D transpose in 0.96 ms."""
+    out = np.empty((x.shape[0], *x.shape[2:], x.shape[1]), x.dtype)
+    for c in range(x.shape[1]):
+        out[..., c] = x[:, c]
+    return out
 
 
 def _image_size(directory: Path, min_size: int) -> tuple[int, int]:
@@ -356,8 +376,8 @@ def value_and_grad(model: Segformer, pixel_values, labels, input_grad: bool = Fa
     mode = model.mode
     encoder_params = model.params["segformer"]["encoder"]
     encoder_cache, head_cache = {}, {}
-    stages, _ = mix_transformer(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), encoder_params, model.config,
-                                ops=model.ops, cache=encoder_cache, mode=mode)
+    stages, _ = mix_transformer(channels_last(x), encoder_params, model.config, ops=model.ops,
+                                cache=encoder_cache, mode=mode)
     if model.head == SEMANTIC:
         head_params = model.params["decode_head"]
         logits = all_mlp_decode_head(stages, head_params, model.ops, mode, head_cache)  # (B, h, w, labels)

@@ -23,6 +23,18 @@ def randn(*shape):
     return rng.standard_normal(shape).astype(np.float32)
 
 
+def on_one_and_two_threads(fn) -> list:
+    """[fn() on one thread, fn() on two], every core again afterwards."""
+    runs = []
+    try:
+        for n in (1, 2):
+            threads.set_num_threads(n)
+            runs.append(fn())
+    finally:
+        threads.set_num_threads()
+    return runs
+
+
 def conv2d_direct(x, w, b, stride, pad):
     """Convolution as the textbook sum, one output pixel at a time (float64): the independent reference."""
     bsz, h, wd, c = x.shape
@@ -188,13 +200,7 @@ def test_fused_decoder_in_bands_on_any_threads_equals_the_literal_head(ops, monk
     literal = decoder.all_mlp_decode_head(stages, p, ops)
     for elements in (5 * 2 * 19 * 256, 1):  # bands of 5 rows (5, 5, 5, 5, 4); of 1 row, the least there is
         monkeypatch.setattr(decoder, "BAND_ELEMENTS", elements)
-        banded = []
-        try:
-            for n in (1, 2):
-                threads.set_num_threads(n)
-                banded.append(decoder.fused_decode_head(stages, folded, ops))
-        finally:
-            threads.set_num_threads()
+        banded = on_one_and_two_threads(lambda: decoder.fused_decode_head(stages, folded, ops))
         np.testing.assert_array_equal(banded[1], banded[0])
         assert_close("fused head, bands vs one band", banded[0], one, 2e-6)
         assert_close("fused head (bands) vs literal head", banded[0], literal, 2e-6)
@@ -240,10 +246,11 @@ def _attention_params(c, sr):
     return p
 
 
-def test_attention_without_reduction_is_plain_multi_head_attention():
+@pytest.mark.parametrize("ops", [layers, kernels], ids=["numpy", "numba"])
+def test_attention_without_reduction_is_plain_multi_head_attention(ops):
     b, h, w, c, heads = 2, 3, 5, 8, 2
     x, p = randn(b, h * w, c), _attention_params(c, 1)
-    out, probs = efficient_self_attention(x, h, w, p, heads, sr_ratio=1)
+    out, probs = efficient_self_attention(x, h, w, p, heads, sr_ratio=1, ops=ops)
     x64 = x.astype(np.float64)
     ps = p["self"]
     q, k, v = (x64 @ ps[n]["weight"].T.astype(np.float64) + ps[n]["bias"] for n in ("query", "key", "value"))
@@ -258,6 +265,28 @@ def test_attention_without_reduction_is_plain_multi_head_attention():
         ctx[:, :, sl] = a @ v[:, :, sl]
     ref = ctx @ p["output"]["dense"]["weight"].T + p["output"]["dense"]["bias"]
     assert_close("attention vs plain multi-head attention", out, ref, rtol_of_max=5e-6, dtype=None)
+
+
+@pytest.mark.parametrize("b,heads,n,n_r,d", [(2, 3, 37, 5, 11), (1, 1, 20, 3, 8), (1, 8, 4, 4, 32)])
+def test_attention_kernel_in_pieces_on_any_threads_equals_its_twin(b, heads, n, n_r, d, monkeypatch):
+    """kernels.attention works through pieces of up to ATTENTION_ROWS queries of one head, a run of pieces per
+    thread: whatever the pieces (one per head; 7 rows, the last one short; single rows), the same bits on 1 and 2
+    threads, and within float32 rounding of the float64 twin. Its output merges into (B, N, C) without a copy."""
+    from mininp_segformer.nn.attention import merge_heads
+
+    q, k, v = randn(b, heads, n, d), randn(b, heads, n_r, d), randn(b, heads, n_r, d) * 3
+    ref_out, ref_probs = layers.attention(*(a.astype(np.float64) for a in (q, k, v)))
+    for rows in (kernels.ATTENTION_ROWS, 7, 1):
+        monkeypatch.setattr(kernels, "ATTENTION_ROWS", rows)
+        runs = on_one_and_two_threads(lambda: kernels.attention(q, k, v))
+        for one, two in zip(*runs):
+            np.testing.assert_array_equal(two, one)
+        out, probs = runs[0]
+        assert out.dtype == probs.dtype == np.float32
+        # P: the scores' rounding (d-term sums) through exp; the output: an N_r-term sum of P times V on top
+        assert_close(f"attention P, kernel ({rows} rows a piece) vs float64", probs, ref_probs, 2e-6)
+        assert_close(f"attention output, kernel ({rows} rows a piece) vs float64", out, ref_out, 4e-6)
+        assert np.shares_memory(merge_heads(out), out)
 
 
 def test_spatial_reduction_shrinks_keys_by_r_squared():

@@ -196,6 +196,40 @@ def test_load_state_dict_replaces_every_tensor():
     np.testing.assert_array_equal(a(x).logits, b(x).logits)
 
 
+def test_the_folded_head_follows_every_change_of_the_decoder_weights(monkeypatch):
+    """The fused head's folded weights are kept from one call to the next, and folded again as soon as a decoder
+    weight or running statistic has changed: in place (an optimizer step, an edit) or by load_state_dict."""
+    from mininp_segformer import model as model_module
+
+    folds = []
+    fold = model_module.fold_decode_head
+    monkeypatch.setattr(model_module, "fold_decode_head", lambda *a: folds.append(1) or fold(*a))
+    a, b = tiny_model(SEMANTIC, seed=21), tiny_model(SEMANTIC, seed=22)
+    x = np.random.default_rng(23).standard_normal((1, 3, 40, 36))
+
+    def literal(model):  # Eq. 4 as written, from the weights as they are now
+        model.decoder = "literal"
+        try:
+            return model(x).logits
+        finally:
+            model.decoder = "fused"
+
+    first = a(x).logits
+    np.testing.assert_array_equal(a(x).logits, first)
+    assert len(folds) == 1  # the second call reused the first fold
+    head = a.params["decode_head"]
+    for array in (head["batch_norm"]["running_mean"], head["classifier"]["weight"],
+                  head["linear_c"][-1]["proj"]["bias"]):
+        array[0] += 0.5  # in place: the same array objects
+        logits = a(x).logits
+        assert not np.allclose(logits, first)
+        np.testing.assert_allclose(logits, literal(a), rtol=1e-6, atol=1e-6)
+    assert len(folds) == 4
+    a.load_state_dict(b.state_dict())
+    np.testing.assert_allclose(a(x).logits, b(x).logits, rtol=1e-12, atol=1e-12)
+    assert len(folds) == 6  # a's and b's own
+
+
 def test_load_state_dict_is_strict():
     model = tiny_model(SEMANTIC, seed=20)
     state = model.state_dict()

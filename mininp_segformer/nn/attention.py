@@ -66,9 +66,8 @@ def merge_heads(x):
 
 def attention_probs(q, k, ops=layers):
     """P = softmax(Q K^T / sqrt(d_head)) (paper Eq. 1) per head: `q: (B, heads, N, d_head)`, `k: (B, heads, N_r,
-    d_head)` -> `(B, heads, N, N_r)`. The scale is applied to Q, which is N_r / d_head times smaller than the
-    scores it would otherwise multiply; the softmax runs in place on the scores, which are not needed again."""
-    scores = (q * q.dtype.type(q.shape[-1] ** -0.5)) @ k.transpose(0, 1, 3, 2)
+    d_head)` -> `(B, heads, N, N_r)`. The softmax runs in place on the scores, which are not needed again."""
+    scores = layers.attention_scores(q, k)
     return ops.softmax(scores, out=scores)
 
 
@@ -87,10 +86,14 @@ def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int
           if sr_ratio > 1 else x)
     k = split_heads(ops.linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
     v = split_heads(ops.linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
-    probs = attention_probs(q, k, ops)  # Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V  (Eq. 1)
-    # HF drops whole attended tokens' weights here ("taken from the original Transformer paper")
-    dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)
-    context = merge_heads(dropped @ v)
+    if cache is None and not mode.training:  # inference: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V
+        context, dropped = ops.attention(q, k, v)  # (Eq. 1); the numba twin spreads the heads over the threads
+    else:  # the same, with P at hand: train mode drops out some of it, and the backward makes it again
+        probs = attention_probs(q, k, ops)
+        # HF drops whole attended tokens' weights here ("taken from the original Transformer paper")
+        dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)
+        context = dropped @ v
+    context = merge_heads(context)
     out = ops.linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])
     out, out_keep = layers.dropout(out, mode.hidden_dropout, mode.rng)  # SegformerSelfOutput's dropout
     if cache is not None:  # not the probabilities: the largest activation of a stage, recomputed by the backward

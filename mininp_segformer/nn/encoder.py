@@ -118,13 +118,13 @@ def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ra
                                            p["attention"], num_heads, sr_ratio, ops, child_cache(cache, "attention"),
                                            mode)
     attn, attn_keep = layers.drop_path(attn, drop_path, mode.rng)
-    mid = x + attn
+    mid = np.add(x, attn, out=attn)  # the residual, into the branch's own array (needed no more): no new one
     mlp = mix_ffn(ops.layer_norm(mid, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops,
                   child_cache(cache, "mlp"), mode)
     mlp, mlp_keep = layers.drop_path(mlp, drop_path, mode.rng)
     if cache is not None:  # the two LayerNorms' inputs, the two branches' masks
         cache.update(x=x, mid=mid, attention_drop_path=(attn_keep, drop_path), mlp_drop_path=(mlp_keep, drop_path))
-    return mid + mlp, probs
+    return np.add(mid, mlp, out=mlp), probs
 
 
 def transformer_block_backward(dout, cache, height: int, width: int, num_heads: int, sr_ratio: int, p: dict):

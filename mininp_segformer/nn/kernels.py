@@ -34,11 +34,11 @@ from numba import njit
 from numba.core import event
 
 from ..config import LAYER_NORM_EPS
-from ..threads import STREAM_MIN_BLOCK, parallel_rows
-from .layers import (batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
+from ..threads import STREAM_MIN_BLOCK, parallel_bands, parallel_rows
+from .layers import (attention_scores, batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
                      depthwise_conv3x3_weight_grad, relu, resize_bilinear, resized_band, rows)
 
-TWINS = ("linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
+TWINS = ("attention", "linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
          "add_resized", "resized_argmax")
 
 # For a kernel compiled with parallel=True (prange; the kernels below split their rows with `parallel_rows` instead):
@@ -276,22 +276,31 @@ def _depthwise_edge_pixel(above, here, below, weight, bias, row, j):
 
 @njit(**_FLAGS)
 def _im2col(x, kernel, stride, padding, cols, start, stop):
-    """The output rows start:stop (n * H_out + i) of im2col into `cols: (B, H_out, W_out, k * k * C)`, zeros where
-    the window reaches into the padding (`cols` comes zeroed)."""
-    b, h, w, c = x.shape
-    h_out, w_out = cols.shape[1], cols.shape[2]
+    """The output rows start:stop (n * H_out + i) of im2col into `cols: (B, H_out, W_out, k * k * C)` from `x: (B,
+    H, W * C)`, a map with each row's pixels side by side. A window row that lies inside the map is k * C
+    consecutive numbers in both: one loop copies it; the others go tap by tap, zeros where a tap falls in the
+    padding."""
+    b, h, wc = x.shape
+    h_out, w_out, cc = cols.shape[1], cols.shape[2], cols.shape[3]
+    c = cc // (kernel * kernel)
+    w = wc // c
+    kc = kernel * c
     for bi in range(start, stop):
         n, i = bi // h_out, bi % h_out
         for j in range(w_out):
+            x0 = j * stride - padding
             for ky in range(kernel):
                 y = i * stride + ky - padding
-                if 0 <= y < h:
-                    for kx in range(kernel):
-                        xx = j * stride + kx - padding
-                        if 0 <= xx < w:
-                            col = (ky * kernel + kx) * c
-                            for ch in range(c):
-                                cols[n, i, j, col + ch] = x[n, y, xx, ch]
+                col = ky * kc
+                if 0 <= y < h and 0 <= x0 and x0 + kernel <= w:
+                    for t in range(kc):
+                        cols[n, i, j, col + t] = x[n, y, x0 * c + t]
+                    continue
+                for kx in range(kernel):
+                    xx = x0 + kx
+                    inside = 0 <= y < h and 0 <= xx < w
+                    for ch in range(c):
+                        cols[n, i, j, col + kx * c + ch] = x[n, y, xx * c + ch] if inside else np.float32(0)
 
 
 @njit(**_FLAGS)
@@ -419,6 +428,33 @@ def softmax(x, axis=-1, out=None):
     return out
 
 
+ATTENTION_ROWS = 8192  # queries of one head per piece of `attention`: B0's stage 1 at 512 x 512 in two
+
+
+def attention(q, k, v):
+    """Attention(Q, K, V) per head in pieces of up to ATTENTION_ROWS queries of one head, a run of pieces per
+    thread, each piece's scores, softmax and P V on that thread with BLAS on one thread (twin of `layers.attention`).
+    The later stages' products are small (B0: 5 heads of 1024 queries, 8 of 256), and OpenBLAS's two threads run
+    each of them slower than two such products side by side on one thread each: B0's eight attentions at 512 x 512
+    on 2 threads 23.4 -> 21.3 ms (docs/performance.md). The output is written head by head into a `(B, N, heads,
+    d_head)` array, of which it returns the `(B, heads, N, d_head)` view: merging the heads again copies nothing."""
+    b, heads, n, d = q.shape
+    probs = np.empty((b, heads, n, k.shape[2]), np.float32)
+    out = np.empty((b, n, heads, d), np.float32)
+    per_head = -(-n // ATTENTION_ROWS)
+
+    def pieces(first, last):
+        for piece in range(first, last):
+            i, h, r = piece // (heads * per_head), piece // per_head % heads, piece % per_head
+            rows = slice(r * ATTENTION_ROWS, min(n, (r + 1) * ATTENTION_ROWS))
+            scores = attention_scores(q[i, h, rows], k[i, h], out=probs[i, h, rows])
+            softmax(scores, out=scores)
+            np.matmul(scores, v[i, h], out=out[i, rows, h])
+
+    parallel_bands(pieces, b * heads * per_head, band=1)
+    return out.transpose(0, 2, 1, 3), probs
+
+
 def layer_norm(x, weight, bias, eps=LAYER_NORM_EPS):
     """LayerNorm over the last axis: per row mean, variance and output in three short loops, no temporaries (twin of
     `layers.layer_norm`)."""
@@ -466,8 +502,9 @@ def im2col(x, kernel: int, stride: int, padding: int):
     b, _, _, c = x.shape
     h_out = conv_output_size(x.shape[1], kernel, stride, padding)
     w_out = conv_output_size(x.shape[2], kernel, stride, padding)
-    cols = np.zeros((b, h_out, w_out, kernel * kernel * c), np.float32)
-    parallel_rows(_im2col, b * h_out, _f32(x), kernel, stride, padding, cols, row_size=w_out * kernel * kernel * c)
+    cols = np.empty((b, h_out, w_out, kernel * kernel * c), np.float32)
+    parallel_rows(_im2col, b * h_out, _f32(x).reshape(b, x.shape[1], -1), kernel, stride, padding, cols,
+                  row_size=w_out * kernel * kernel * c)
     return cols
 
 

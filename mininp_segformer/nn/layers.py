@@ -113,6 +113,21 @@ def softmax(x, axis=-1, out=None):
     return np.divide(e, e.sum(axis=axis, keepdims=True), out=out)
 
 
+def attention_scores(q, k, out=None):
+    """S = Q K^T / sqrt(d_head) (paper Eq. 1), per head: `q: (..., N, d_head)`, `k: (..., N_r, d_head)` ->
+    `(..., N, N_r)`, into `out` if given. The scale is applied to Q, which is N_r / d_head times smaller than the
+    scores it would otherwise multiply."""
+    return np.matmul(q * q.dtype.type(q.shape[-1] ** -0.5), np.swapaxes(k, -1, -2), out=out)
+
+
+def attention(q, k, v):
+    """Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V (paper Eq. 1), per head: `q: (B, heads, N, d_head)`,
+    `k, v: (B, heads, N_r, d_head)` -> (output `(B, heads, N, d_head)`, the probabilities P `(B, heads, N, N_r)`)."""
+    scores = attention_scores(q, k)
+    probs = softmax(scores, out=scores)  # in place: the scores are not needed again
+    return probs @ v, probs
+
+
 def softmax_backward(dout, probs, axis=-1):
     """Gradient of `softmax` from its output `probs`: the Jacobian diag(p) - p p^T times `dout`, never formed:
 

@@ -290,6 +290,7 @@ PROFILE_LABELS = {  # (component, op; None: the component's own time) -> label
     ("attention", None): "attention QK^T, AV and head reshapes",
     ("attention", "linear"): "attention linears (q, k, v, out, reduction)",
     ("attention", "softmax"): "attention softmax",
+    ("attention", "attention"): "attention QK^T, softmax and AV (ops.attention)",
     ("spatial reduction", None): "spatial-reduction tiling (reshape)",
     ("spatial reduction", "linear"): "attention linears (q, k, v, out, reduction)",
     ("Mix-FFN", None): "residual adds and reshapes",
