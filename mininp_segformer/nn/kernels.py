@@ -35,11 +35,11 @@ from numba.core import event
 
 from ..config import LAYER_NORM_EPS
 from ..threads import STREAM_MIN_BLOCK, parallel_bands, parallel_rows
-from .layers import (attention_scores, batch_norm, bilinear_taps, conv_output_size, conv_weight_matrix,  # noqa: F401
-                     depthwise_conv3x3_weight_grad, relu, resize_bilinear, resized_band, rows)
+from .layers import (attention_scores, batch_norm, bilinear_taps, conv_output_size,  # noqa: F401
+                     conv_weight_matrix, depthwise_conv3x3_weight_grad, relu, resize_bilinear, resized_band, rows)
 
-TWINS = ("attention", "linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3", "depthwise_conv3x3_gelu",
-         "add_resized", "resized_argmax")
+TWINS = ("attention", "linear", "layer_norm", "gelu", "softmax", "im2col", "conv2d", "depthwise_conv3x3",
+         "depthwise_conv3x3_gelu", "add_resized", "resized_argmax")
 
 # For a kernel compiled with parallel=True (prange; the kernels below split their rows with `parallel_rows` instead):
 # numba's threading layer is workqueue, whose threads sleep between parallel loops; OpenMP's keep spinning and compete
