@@ -142,6 +142,11 @@ def test_im2col_and_conv_kernels_equal_their_twins(shape, k, stride, pad):
                   2 * conv2d_bound(x, w, b, stride, pad))
 
 
+def test_im2col_kernel_on_an_empty_batch():
+    x = np.zeros((0, 9, 6, 5), np.float32)
+    assert kernels.im2col(x, 3, 2, 1).shape == layers.im2col(x, 3, 2, 1).shape == (0, 5, 3, 45)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5, 1), (2, 7, 33), (4, 300)])
 def test_layer_norm_and_softmax_kernels_equal_their_twins(shape):
     x = randn(*shape) * 5 + 3

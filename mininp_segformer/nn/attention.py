@@ -87,11 +87,12 @@ def efficient_self_attention(x, height: int, width: int, p: dict, num_heads: int
     k = split_heads(ops.linear(kv, ps["key"]["weight"], ps["key"]["bias"]), num_heads)
     v = split_heads(ops.linear(kv, ps["value"]["weight"], ps["value"]["bias"]), num_heads)
     if cache is None and not mode.training:  # inference: Attention(Q, K, V) = softmax(Q K^T / sqrt(d_head)) V
-        context, dropped = ops.attention(q, k, v)  # (Eq. 1); the numba twin spreads the heads over the threads
+        context, probs = ops.attention(q, k, v)  # (Eq. 1); the numba twin spreads pieces of queries over threads
+        dropped = probs  # nothing is dropped in eval mode
     else:  # the same, with P at hand: train mode drops out some of it, and the backward makes it again
         probs = attention_probs(q, k, ops)
         # HF drops whole attended tokens' weights here ("taken from the original Transformer paper")
-        dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)
+        dropped, probs_keep = layers.dropout(probs, mode.attention_dropout, mode.rng)  # cache is set: it is used
         context = dropped @ v
     context = merge_heads(context)
     out = ops.linear(context, p["output"]["dense"]["weight"], p["output"]["dense"]["bias"])

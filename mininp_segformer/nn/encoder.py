@@ -118,7 +118,7 @@ def transformer_block(x, height: int, width: int, p: dict, num_heads: int, sr_ra
                                            p["attention"], num_heads, sr_ratio, ops, child_cache(cache, "attention"),
                                            mode)
     attn, attn_keep = layers.drop_path(attn, drop_path, mode.rng)
-    mid = np.add(x, attn, out=attn)  # the residual, into the branch's own array (needed no more): no new one
+    mid = np.add(x, attn, out=attn)  # the residual, into the branch's output: a new array no cache holds
     mlp = mix_ffn(ops.layer_norm(mid, ln2["weight"], ln2["bias"]), height, width, p["mlp"], ops,
                   child_cache(cache, "mlp"), mode)
     mlp, mlp_keep = layers.drop_path(mlp, drop_path, mode.rng)

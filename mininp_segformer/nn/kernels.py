@@ -445,11 +445,12 @@ def attention(q, k, v):
 
     def pieces(first, last):
         for piece in range(first, last):
-            i, h, r = piece // (heads * per_head), piece // per_head % heads, piece % per_head
-            rows = slice(r * ATTENTION_ROWS, min(n, (r + 1) * ATTENTION_ROWS))
-            scores = attention_scores(q[i, h, rows], k[i, h], out=probs[i, h, rows])
+            head, r = divmod(piece, per_head)  # pieces in (batch, head, r) order
+            i, h = divmod(head, heads)
+            queries = slice(r * ATTENTION_ROWS, min(n, (r + 1) * ATTENTION_ROWS))
+            scores = attention_scores(q[i, h, queries], k[i, h], out=probs[i, h, queries])
             softmax(scores, out=scores)
-            np.matmul(scores, v[i, h], out=out[i, rows, h])
+            np.matmul(scores, v[i, h], out=out[i, queries, h])
 
     parallel_bands(pieces, b * heads * per_head, band=1)
     return out.transpose(0, 2, 1, 3), probs
@@ -503,7 +504,7 @@ def im2col(x, kernel: int, stride: int, padding: int):
     h_out = conv_output_size(x.shape[1], kernel, stride, padding)
     w_out = conv_output_size(x.shape[2], kernel, stride, padding)
     cols = np.empty((b, h_out, w_out, kernel * kernel * c), np.float32)
-    parallel_rows(_im2col, b * h_out, _f32(x).reshape(b, x.shape[1], -1), kernel, stride, padding, cols,
+    parallel_rows(_im2col, b * h_out, _f32(x).reshape(b, x.shape[1], x.shape[2] * c), kernel, stride, padding, cols,
                   row_size=w_out * kernel * kernel * c)
     return cols
 

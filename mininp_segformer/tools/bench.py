@@ -287,7 +287,7 @@ PROFILE_LABELS = {  # (component, op; None: the component's own time) -> label
     ("patch merging", None): "patch merging conv (im2col + matmul)",
     ("patch merging", "conv2d"): "patch merging conv (im2col + matmul)",
     ("block", None): "residual adds and reshapes",
-    ("attention", None): "attention QK^T, AV and head reshapes",
+    ("attention", None): "attention head reshapes (and QK^T, AV in train mode)",
     ("attention", "linear"): "attention linears (q, k, v, out, reduction)",
     ("attention", "softmax"): "attention softmax",
     ("attention", "attention"): "attention QK^T, softmax and AV (ops.attention)",
