@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 import llvmlite.binding as llvm
 import numba
 import numpy as np
+from numba.core import event
 
 MIN_BLOCK = 16384  # elements: a block of rows smaller than this is not worth handing to another thread (~20 us)
 # A pass that only streams its rows through once (a bias add after a product) gains nothing from a second thread
@@ -45,9 +46,10 @@ _each_lock = threading.Lock()
 # the map_one_thread_each and split parallel_bands calls running; BLAS's threads before the first of them
 _each_calls, _each_blas = 0, None
 SPIN = os.environ.get("MININP_SEGFORMER_SPIN", "1") != "0"  # keep_cores_awake on (the default) or off
-_spin_lock = threading.Lock()
+_spin_lock = threading.RLock()  # re-entered when `_spin` compiles inside keep_cores_awake (_SleepWhileCompiling)
 _spin_flags: dict[int, np.ndarray] = {}  # CPU -> its spinner's flag (int32: a futex word), 1 while it must spin
 _spin_bodies: dict[int, int] = {}  # CPU -> keep_cores_awake bodies running that keep it awake
+_compiling = 0  # numba compiles in progress, during which the spinners sleep (`_SleepWhileCompiling`)
 
 
 def set_num_threads(n: int | None = None) -> int:
@@ -173,7 +175,8 @@ def keep_cores_awake():
     (docs/performance.md, "The cores kept awake"). So each core gets a spinner thread, pinned to it, that gives the core
     away (`sched_yield`) in a loop while a body runs. It runs at the lowest priority Linux has (SCHED_IDLE): a
     thread with work to do takes the core from it at once. Between bodies it sleeps in the kernel (a futex), and it
-    never holds the GIL after it starts. Nested bodies and bodies on several Python threads share the spinners.
+    never holds the GIL after it starts; it also sleeps while numba compiles (`_SleepWhileCompiling`). Nested
+    bodies and bodies on several Python threads share the spinners.
 
     No spinners when the pass does not use every core this thread may run on (the work may run on the others),
     under a cgroup CPU quota (spinning would spend it), or with MININP_SEGFORMER_SPIN=0 / `threads.SPIN = False`
@@ -246,8 +249,36 @@ def _start_spinning(cpu: int) -> bool:
         SPIN = False
         warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({e})", RuntimeWarning, stacklevel=2)
         return False
-    _wake_spinner(_spin_flags[cpu])
+    if _compiling == 0:
+        _wake_spinner(_spin_flags[cpu])
     return True
+
+
+class _SleepWhileCompiling(event.Listener):
+    """The spinners sleep while numba compiles. A compile runs on one core for up to a second or two (the first
+    run after an install compiles every kernel, docs/performance.md "Cold start"), and spinners kept running beside
+    it slowed that run down: the README's first command with a fresh numba cache on 2 cores took 5.7-5.9 s with
+    them spinning, 4.9 s without spinners, 5.0 s with them asleep during the compiles. Nested and concurrent
+    compiles are counted."""
+
+    def on_start(self, ev):
+        global _compiling
+        with _spin_lock:
+            _compiling += 1
+            for flag in _spin_flags.values():
+                flag[0] = 0  # each spinner sees it at its next yield and goes to sleep
+
+    def on_end(self, ev):
+        global _compiling
+        with _spin_lock:
+            _compiling -= 1
+            if _compiling == 0:
+                for cpu, flag in _spin_flags.items():
+                    if _spin_bodies.get(cpu, 0):
+                        _wake_spinner(flag)
+
+
+event.register("numba:compile", _SleepWhileCompiling())
 
 
 def _wake_spinner(flag: np.ndarray) -> None:
@@ -308,9 +339,10 @@ def _worker_pool(workers: int) -> ThreadPoolExecutor:
 def _forget_pool() -> None:
     """In a forked child the parent's pool and spinner threads do not exist: start over (new locks too, they may be
     held)."""
-    global _pool, _pool_size, _pool_lock, _spin_lock
+    global _pool, _pool_size, _pool_lock, _spin_lock, _compiling
     _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
-    _spin_lock = threading.Lock()  # and no spinners: they start again on first use
+    _spin_lock = threading.RLock()  # and no spinners: they start again on first use
+    _compiling = 0  # (a compile in progress at the fork goes on in the parent only)
     _spin_flags.clear()
     _spin_bodies.clear()
 

@@ -7,6 +7,7 @@ import os
 import threading
 import time
 
+import numba
 import numpy as np
 import pytest
 
@@ -280,6 +281,35 @@ def test_nested_bodies_share_the_spinners_and_an_error_stops_them(thread_count):
             _assert_spinning(_all_cpus())  # the inner body has ended, the outer one has not
             raise ValueError("inner")
     _assert_spinning([])
+
+
+@spinners_here
+def test_the_spinners_sleep_while_numba_compiles(thread_count):
+    """A compile runs on one core for up to seconds: the spinners sleep through it, and spin again after it."""
+    from numba.core import event
+
+    thread_count(len(os.sched_getaffinity(0)))
+    compiles = []
+
+    class WhileCompiling(event.Listener):
+        def on_start(self, ev):
+            _assert_spinning([])
+            compiles.append(ev)
+
+        def on_end(self, ev):
+            pass
+
+    listener = WhileCompiling()
+    with threads.keep_cores_awake():
+        _assert_spinning(_all_cpus())
+        event.register("numba:compile", listener)
+        try:
+            numba.njit(lambda x: x + 1)(1)  # a new function: compiled here and now
+        finally:
+            event.unregister("numba:compile", listener)
+        _assert_spinning(_all_cpus())
+    _assert_spinning([])
+    assert compiles
 
 
 def _spinners_sleep_in_body(_):
