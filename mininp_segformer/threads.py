@@ -183,6 +183,8 @@ def keep_cores_awake():
     (e.g. on a machine shared with other work, where an idle core is worth more than the time).
     """
     cpus = _spinner_cpus()
+    if cpus and not _spin_compiled():
+        cpus = []
     kept = []  # the CPUs this body has counted so far, so that an interruption undoes exactly those
     try:
         with _spin_lock:
@@ -195,6 +197,8 @@ def keep_cores_awake():
     finally:
         with _spin_lock:
             for cpu in kept:
+                if cpu not in _spin_bodies:  # forked inside the body: the child started over (`_forget_pool`)
+                    continue
                 _spin_bodies[cpu] -= 1
                 if _spin_bodies[cpu] == 0:
                     _spin_flags[cpu][0] = 0  # the spinner sees it at its next yield and goes to sleep
@@ -235,13 +239,30 @@ def _spinner(cpu: int, flag: np.ndarray) -> None:
                       RuntimeWarning, stacklevel=1)
 
 
+def _spin_compiled() -> bool:
+    """Compile `_spin` (here, not in its thread) unless done; False, and spinning off for good, if numba cannot.
+
+    Called before `_spin_lock` is taken, never under it: numba compiles under its own global lock and fires its
+    compile events there, and `_SleepWhileCompiling` takes `_spin_lock` in them, so compiling under `_spin_lock`
+    could deadlock with another thread's compile. Once compiled, numba's lock is not touched again."""
+    global SPIN
+    if _spin.signatures:
+        return True
+    try:
+        _spin.compile((numba.types.int32[::1], numba.types.int64, numba.types.int32[::1]))
+    except Exception as e:  # noqa: BLE001 -- spinning only ever saves time: without it the pass runs as before
+        SPIN = False
+        warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({e})", RuntimeWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _start_spinning(cpu: int) -> bool:
-    """Make `cpu`'s spinner spin (its thread started on first use); False, and spinning off for good, if it cannot
-    be started (no threads left, numba unable to compile `_spin`)."""
+    """Make `cpu`'s spinner spin (its thread started on first use; `_spin` compiled already); False, and spinning
+    off for good, if it cannot be started (no threads left)."""
     global SPIN
     try:
         if cpu not in _spin_flags:
-            _spin.compile((numba.types.int32[::1], numba.types.int64, numba.types.int32[::1]))  # here, not in it
             _spin_flags[cpu] = np.zeros(1, np.int32)
             threading.Thread(target=_spinner, args=(cpu, _spin_flags[cpu]), daemon=True,
                              name=f"mininp_segformer_spin{cpu}").start()
@@ -255,11 +276,12 @@ def _start_spinning(cpu: int) -> bool:
 
 
 class _SleepWhileCompiling(event.Listener):
-    """The spinners sleep while numba compiles. A compile runs on one core for up to a second or two (the first
-    run after an install compiles every kernel, docs/performance.md "Cold start"), and spinners kept running beside
-    it slowed that run down: the README's first command with a fresh numba cache on 2 cores took 5.7-5.9 s with
-    them spinning, 4.9 s without spinners, 5.0 s with them asleep during the compiles. Nested and concurrent
-    compiles are counted."""
+    """The spinners sleep while numba compiles. A compile runs on one core for up to a second or two (the first run
+    after an install compiles every kernel, docs/performance.md "Cold start"), and spinners kept running beside it
+    slowed that run down: the README's first command with a fresh numba cache on 2 cores took 5.7-5.9 s with them
+    spinning, 4.9 s without spinners, 5.0-5.4 s with them asleep during the compiles. numba compiles one function at
+    a time (under its global lock), a callee inside its caller's compile: the events nest, and are counted. numba
+    fires them only when it compiles, not when it loads a kernel from its disk cache."""
 
     def on_start(self, ev):
         global _compiling
@@ -271,7 +293,8 @@ class _SleepWhileCompiling(event.Listener):
     def on_end(self, ev):
         global _compiling
         with _spin_lock:
-            _compiling -= 1
+            # never below 0: another listener that raises in numba's broadcast can skip an on_start of ours
+            _compiling = max(0, _compiling - 1)
             if _compiling == 0:
                 for cpu, flag in _spin_flags.items():
                     if _spin_bodies.get(cpu, 0):

@@ -312,6 +312,61 @@ def test_the_spinners_sleep_while_numba_compiles(thread_count):
     assert compiles
 
 
+_FIRST_BODY_DURING_A_COMPILE = """
+import os, threading
+import numba, numpy as np
+from numba.core import event
+from mininp_segformer import threads
+
+threads.set_num_threads(len(os.sched_getaffinity(0)))
+compiling = threading.Event()
+
+class Mark(event.Listener):
+    def on_start(self, ev):
+        compiling.set()
+
+    def on_end(self, ev):
+        pass
+
+event.register("numba:compile", Mark())
+
+@numba.njit
+def callee(x):
+    return np.sort(x)[::-1].cumsum()
+
+def caller(x):  # a compile of a second or so, with a callee: nested compile events
+    s = 0.0
+    for i in range(x.shape[0]):
+        s += np.linalg.norm(callee(x)) + np.median(x)
+    return s
+
+def first_body():  # the process's first keep_cores_awake, while another thread compiles
+    compiling.wait()
+    with threads.keep_cores_awake():
+        pass
+
+body = threading.Thread(target=first_body, daemon=True)
+body.start()
+numba.njit(caller)(np.arange(5.0))
+body.join(60)
+assert not body.is_alive(), "keep_cores_awake still waiting"
+print("ok")
+"""
+
+
+@spinners_here
+def test_the_first_body_during_another_threads_compile_does_not_deadlock(tmp_path):
+    """keep_cores_awake's first body compiles the spinner while another thread compiles: numba's compile lock and
+    the spinners' lock must not be taken in opposite orders (a fresh process, a fresh numba cache)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", _FIRST_BODY_DURING_A_COMPILE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
 def _spinners_sleep_in_body(_):
     with threads.keep_cores_awake():
         _assert_spinning([])
@@ -329,6 +384,8 @@ def test_no_spinning_on_fewer_threads_than_cores_or_when_turned_off(thread_count
 
 
 class _NoCompiler:
+    signatures = []  # nothing compiled yet
+
     def compile(self, signature):
         raise RuntimeError("numba cannot compile here")
 
