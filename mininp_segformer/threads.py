@@ -46,7 +46,7 @@ _each_lock = threading.Lock()
 # the map_one_thread_each and split parallel_bands calls running; BLAS's threads before the first of them
 _each_calls, _each_blas = 0, None
 SPIN = os.environ.get("MININP_SEGFORMER_SPIN", "1") != "0"  # keep_cores_awake on (the default) or off
-_spin_lock = threading.RLock()  # re-entered when `_spin` compiles inside keep_cores_awake (_SleepWhileCompiling)
+_spin_lock = threading.Lock()  # nothing may compile under it (`_spin_compiled` says why)
 _spin_flags: dict[int, np.ndarray] = {}  # CPU -> its spinner's flag (int32: a futex word), 1 while it must spin
 _spin_bodies: dict[int, int] = {}  # CPU -> keep_cores_awake bodies running that keep it awake
 _compiling = 0  # numba compiles in progress, during which the spinners sleep (`_SleepWhileCompiling`)
@@ -364,7 +364,7 @@ def _forget_pool() -> None:
     held)."""
     global _pool, _pool_size, _pool_lock, _spin_lock, _compiling
     _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
-    _spin_lock = threading.RLock()  # and no spinners: they start again on first use
+    _spin_lock = threading.Lock()  # and no spinners: they start again on first use
     _compiling = 0  # (a compile in progress at the fork goes on in the parent only)
     _spin_flags.clear()
     _spin_bodies.clear()
