@@ -227,16 +227,21 @@ def _spin(flag, policy, param):
 
 def _spinner(cpu: int, flag: np.ndarray) -> None:
     """A spinner thread: pinned to `cpu`, then `_spin` (which puts it at the lowest priority) for good."""
-    global SPIN
     try:
         os.sched_setaffinity(0, {cpu})  # 0: this thread
         refused = _spin(flag, os.SCHED_IDLE, np.zeros(1, np.int32)) != 0
     except OSError:
         refused = True
     if refused:  # a spinner at normal priority would take time from the work: none at all
-        SPIN = False
-        warnings.warn(f"mininp_segformer: keep_cores_awake turned off (no SCHED_IDLE thread on CPU {cpu} here)",
-                      RuntimeWarning, stacklevel=1)
+        _spinning_off(f"no SCHED_IDLE thread on CPU {cpu} here")
+
+
+def _spinning_off(reason) -> None:
+    """No spinners from now on in this process, and a warning that says why. Spinning only ever saves time: without
+    it a pass runs as before."""
+    global SPIN
+    SPIN = False
+    warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({reason})", RuntimeWarning, stacklevel=3)
 
 
 def _spin_compiled() -> bool:
@@ -245,14 +250,12 @@ def _spin_compiled() -> bool:
     Called before `_spin_lock` is taken, never under it: numba compiles under its own global lock and fires its
     compile events there, and `_SleepWhileCompiling` takes `_spin_lock` in them, so compiling under `_spin_lock`
     could deadlock with another thread's compile. Once compiled, numba's lock is not touched again."""
-    global SPIN
     if _spin.signatures:
         return True
     try:
         _spin.compile((numba.types.int32[::1], numba.types.int64, numba.types.int32[::1]))
-    except Exception as e:  # noqa: BLE001 -- spinning only ever saves time: without it the pass runs as before
-        SPIN = False
-        warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({e})", RuntimeWarning, stacklevel=3)
+    except Exception as e:  # noqa: BLE001 -- `_spinning_off`
+        _spinning_off(e)
         return False
     return True
 
@@ -260,15 +263,13 @@ def _spin_compiled() -> bool:
 def _start_spinning(cpu: int) -> bool:
     """Make `cpu`'s spinner spin (its thread started on first use; `_spin` compiled already); False, and spinning
     off for good, if it cannot be started (no threads left)."""
-    global SPIN
     try:
         if cpu not in _spin_flags:
             _spin_flags[cpu] = np.zeros(1, np.int32)
             threading.Thread(target=_spinner, args=(cpu, _spin_flags[cpu]), daemon=True,
                              name=f"mininp_segformer_spin{cpu}").start()
-    except Exception as e:  # noqa: BLE001 -- spinning only ever saves time: without it the pass runs as before
-        SPIN = False
-        warnings.warn(f"mininp_segformer: keep_cores_awake turned off ({e})", RuntimeWarning, stacklevel=2)
+    except Exception as e:  # noqa: BLE001 -- `_spinning_off`
+        _spinning_off(e)
         return False
     if _compiling == 0:
         _wake_spinner(_spin_flags[cpu])
