@@ -14,7 +14,7 @@ os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 from .config import SegformerConfig, variant_config  # noqa: E402
 from .errors import (CheckpointError, ConfigError, DownloadError, ImageError, LabelError,  # noqa: E402
-                     ResourceError, SegformerError)
+                     MachineError, ResourceError, SegformerError)
 from .inference import segment  # noqa: E402
 from .model import Segformer, SegformerOutput, load, predict, value_and_grad  # noqa: E402
 from .preprocessing import postprocess, preprocess  # noqa: E402
@@ -26,7 +26,7 @@ keep_freed_memory()  # reuse freed activations instead of fresh pages at every f
 __all__ = ["SegformerConfig", "variant_config", "Segformer", "SegformerOutput", "load", "predict",
            "preprocess", "postprocess", "segment", "set_num_threads", "code_paths", "value_and_grad",
            "SegformerError", "ConfigError", "CheckpointError", "DownloadError", "ImageError", "LabelError",
-           "ResourceError"]
+           "ResourceError", "MachineError"]
 
 if os.environ.get("MININP_SEGFORMER_THREADS"):
     set_num_threads(int(os.environ["MININP_SEGFORMER_THREADS"]))

@@ -10,7 +10,8 @@ size) is raised as one of these, with a message that names the file or value and
     │   └── DownloadError  a checkpoint that could not be fetched from the hub, or arrived damaged
     ├── ImageError         an input that is not an image we can segment
     ├── LabelError         training labels that do not fit the logits (shape, dtype, range, none labelled)
-    └── ResourceError      work that would exceed a limit (memory, pixels) before it starts
+    ├── ResourceError      work that would exceed a limit (memory, pixels) before it starts
+    └── MachineError       a tool asked for what this machine lacks (the benchmark's --cpu avx2: cpuid faulting, cc)
 """
 
 
@@ -40,3 +41,8 @@ class LabelError(SegformerError):
 
 class ResourceError(SegformerError):
     """Work refused before it starts because it would exceed a limit (memory, pixels, header size)."""
+
+
+class MachineError(SegformerError):
+    """A tool asked for something this machine cannot give: the benchmark's `--cpu avx2` on a CPU without cpuid
+    faulting, or with no C compiler to build its shim."""

@@ -89,15 +89,51 @@ def test_gelu_kernel_equals_reference_and_definition():
                         np.array([0, -0.0, 1e-8, -1e-8, 1e4, -1e4], np.float32)])
     fast = kernels.gelu(x.reshape(-1, 7)).reshape(-1)
     assert fast.dtype == np.float32
-    # Compare Phi(x) = GELU(x) / x against math.erf in float64 (mpmath-grade away from the far tail): the kernel
-    # is within 2.5e-7 (2 float32 ulps of 1) everywhere. Below x = -8, 1 + erf(x / sqrt 2) cancels to 0 even in
-    # float64, so the reference there is 0 and the kernel's tiny erfc-based values (< 1e-15) are compared to it.
+    # Compare Phi(x) = GELU(x) / x against math.erfc in float64: the kernel is within 2.5e-7 (2 float32 ulps of 1)
+    # everywhere. Below x = -8, 1 + erf(x / sqrt 2) cancels to 0 even in float64, so layers.gelu is 0 there, as is
+    # the kernel (exactly -0.0 below -4 sqrt 2).
     exact = np.array([0.5 * v * math.erfc(-v / math.sqrt(2)) for v in x.astype(np.float64)])
     np.testing.assert_array_less(np.abs(fast - exact), 2.5e-7 * np.abs(x) + 1e-37)
     reference = layers.gelu(x)  # the readable twin: 0.5 x (1 + erf(x / sqrt 2))
     np.testing.assert_array_less(np.abs(fast - reference), 2.5e-7 * np.abs(x) + 1e-37)
     tanh_form = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
     assert np.abs(tanh_form - fast).max() > 1e-4  # the erf form, not the tanh approximation
+    assert np.all(fast[x < -kernels.GELU_L] == 0) and np.all(np.signbit(fast[x < -kernels.GELU_L]))
+
+
+def test_gelu_kernel_keeps_the_sign_and_the_bound_everywhere():
+    """Every float32 step over [-8, 8] (and a sample beyond): GELU(x) = x Phi(x) with 0 <= Phi <= 1, so the kernel's
+    value has x's sign (or is zero) and is no larger than x, and is within 2.5e-7 |x| of x Phi(x) in float64."""
+    from scipy.special import ndtr
+
+    x = np.concatenate([np.arange(-8, 8, 2**-15, dtype=np.float32), randn(100000) * 100])  # float32 steps near +-8
+    fast = kernels.gelu(x.reshape(-1, 16)).reshape(-1)
+    assert np.all(fast[x < 0] <= 0) and np.all(fast[x > 0] >= 0), "GELU's sign"
+    assert np.all(np.abs(fast) <= np.abs(x)), "Phi above 1"
+    x64 = x.astype(np.float64)
+    np.testing.assert_array_less(np.abs(fast - x64 * ndtr(x64)), 2.5e-7 * np.abs(x64) + 1e-37)
+
+
+def test_gelu_kernel_coefficients_are_the_fit():
+    """kernels.gelu's P and Q are tools/fit_gelu.py's (rounded to float32), and as accurate as its docstring says:
+    |x P(x^2) / Q(x^2) - (Phi(x) - 1/2)| <= 3e-8 on [0, 4 sqrt 2], evaluated in float64 on a grid finer than the
+    fit's."""
+    from scipy.special import ndtr
+
+    from mininp_segformer.tools import fit_gelu
+
+    p, q, worst = fit_gelu.fit()
+    assert worst < 1.2e-8
+    ours_p = np.array([getattr(kernels, f"_P{k}") for k in range(6)], np.float64)
+    ours_q = np.array([1.0] + [getattr(kernels, f"_Q{k}") for k in range(1, 6)], np.float64)
+    np.testing.assert_allclose(ours_p, p, rtol=1e-4)  # a rational fit's coefficients move with LAPACK's rounding
+    np.testing.assert_allclose(ours_q, q, rtol=1e-4)  # (1.7e-6 on OpenBLAS's Sandybridge path); its error does not
+    x = np.linspace(0, float(kernels.GELU_L), 400001)
+    s = x * x
+    error = x * np.polynomial.polynomial.polyval(s, ours_p) / np.polynomial.polynomial.polyval(s, ours_q)
+    assert np.abs(error - (ndtr(x) - 0.5)).max() <= 3e-8
+    assert kernels.GELU_L == np.float32(fit_gelu.L) and ndtr(-fit_gelu.L) < 2 ** -26  # 1 - Phi(L): below half a
+    # float32 step below 1, so Phi past L is 1 (and 0 left of -L) to float32 precision
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 4, 2, 5), (2, 5, 9, 7), (1, 12, 3, 16), (3, 2, 17, 33)])

@@ -5,6 +5,7 @@
     python -m mininp_segformer.tools.bench --model path/to/checkpoint --threads 2
     python -m mininp_segformer.tools.bench --cold-start            # README's first command, empty numba cache
     python -m mininp_segformer.tools.bench --slide 4000 6000       # slide mode, as it was and as it is
+    python -m mininp_segformer.tools.bench --cpu avx2              # every framework on its AVX2 code (tools/avx2.py)
 
 Each framework runs in a worker process of its own, loaded and warmed up once; the timed runs then alternate
 between the workers round-robin, so that a slow spell of the machine hits every framework alike and no two
@@ -33,6 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from ..errors import MachineError
+from . import avx2
 
 FRAMEWORKS = ("mininp_segformer", "onnxruntime", "torch")
 
@@ -411,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=2, help="with --train: the batch size (default 2)")
     p.add_argument("--cold-start", action="store_true",
                    help="instead: the README's first command in fresh processes, with an empty numba cache and again")
+    p.add_argument("--cpu", default="native", choices=["native", "avx2"],
+                   help="avx2: run everything (every framework, all its processes) with AVX-512 hidden, on the code "
+                        "paths of an AVX2 machine (tools/avx2.py; Linux x86-64 with cpuid faulting and a C compiler)")
     p.add_argument("--slide", type=int, nargs=2, metavar=("H", "W"),
                    help="instead: slide mode on an H x W photo (e.g. 4000 6000): the window average in NumPy and in "
                         "its kernel, the windows in turn and a window a thread")
@@ -418,7 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cpu == "avx2" and avx2.cpu_features().get("avx512f"):  # AVX-512 to hide: run again in a process that
+        if os.environ.get(avx2.HIDDEN):                                 # sees none (its children inherit that)
+            parser.error("--cpu avx2: AVX-512 is still visible in a process started to hide it")
+        try:
+            env = avx2.environment()
+        except MachineError as e:
+            parser.error(f"--cpu avx2: {e}")
+        argv = sys.argv[1:] if argv is None else list(argv)
+        status = subprocess.call([sys.executable, "-m", "mininp_segformer.tools.bench", *argv], env=env)
+        return status if status >= 0 else 128 - status  # killed by a signal: the shell's 128 + its number
     if args.train:
         from .bench_train import format_train_report, run_train_benchmark, run_train_profile
 
@@ -511,7 +529,10 @@ def machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
+    # the code paths: AVX-512, AVX2 or AVX-512 hidden (--cpu avx2); the variables that move OpenBLAS's and numba's
+    paths = ", ".join([avx2.simd_level()] + [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "NUMBA_CPU_NAME")
+                                              if os.environ.get(v)])
+    return f"{cpu} ({paths}), {os.cpu_count()} cores, Python {platform.python_version()}, NumPy {np.__version__}"
 
 
 def format_cold_start(runs: dict, threads: int) -> str:
