@@ -11,7 +11,7 @@ size) is raised as one of these, with a message that names the file or value and
     ├── ImageError         an input that is not an image we can segment
     ├── LabelError         training labels that do not fit the logits (shape, dtype, range, none labelled)
     ├── ResourceError      work that would exceed a limit (memory, pixels) before it starts
-    └── MachineError       a tool asked for what this machine lacks (the benchmark's --cpu avx2: cpuid faulting, cc)
+    └── MachineError       a tool asked for what this machine lacks (bench --cpu avx2: cpuid faulting, cc)
 """
 
 

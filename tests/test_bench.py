@@ -1,7 +1,7 @@
 """tools.bench: the slide-mode comparison runs each of its variants end to end (fresh processes, a small photo);
 --cpu avx2 hides AVX-512 from a process, or says why it cannot."""
 
-import platform
+import os
 import re
 import signal
 import subprocess
@@ -22,9 +22,7 @@ def test_slide_benchmark_runs_every_variant(capsys):
 
 
 # --cpu avx2 (tools/avx2.py): AVX-512 hidden from every library of a process, where the machine allows it
-X86_LINUX = sys.platform == "linux" and platform.machine() == "x86_64"
-CAN_HIDE = X86_LINUX and "cpuid_fault" in avx2._cpu_flags() and avx2._compiler() is not None
-HAS_AVX512 = X86_LINUX and bool(avx2.cpu_features().get("avx512f"))
+HAS_AVX512 = avx2.is_x86_64() and bool(avx2.cpu_features().get("avx512f"))
 PROBE = """
 try:
     from numpy._core._multiarray_umath import __cpu_features__ as numpy_sees
@@ -35,15 +33,22 @@ print(avx2.simd_level(), "|", avx2.cpu_features().get("avx512f"), numpy_sees["AV
 """
 
 
+def hidden_environment(env=None):
+    """avx2.environment(env), or None where this machine cannot hide AVX-512, after checking that the error says
+    which of its needs is missing (Linux on x86-64, cpuid faulting, a C compiler)."""
+    try:
+        return avx2.environment(env)
+    except MachineError as e:
+        assert re.search(r"needs Linux on x86-64|no cpuid faulting|no C compiler was found", str(e)), e
+        return None
+
+
 def test_avx2_environment_hides_avx512_from_llvm_and_numpy():
-    if not CAN_HIDE:  # this machine cannot: the error says what is missing
-        with pytest.raises(MachineError, match="cpuid faulting|C compiler|Linux"):
-            avx2.environment()
-        return
-    env = dict(avx2.environment(), PYTHONFAULTHANDLER="1")
-    assert "PYTHONFAULTHANDLER" not in avx2.environment(env)  # its SIGSEGV handler would take the shim's traps
-    run = subprocess.run([sys.executable, "-c", PROBE], env=avx2.environment(env), capture_output=True, text=True,
-                         timeout=120)
+    env = hidden_environment(dict(os.environ, PYTHONFAULTHANDLER="1"))
+    if env is None:
+        return  # this machine cannot; the error was checked
+    assert "PYTHONFAULTHANDLER" not in env  # its SIGSEGV handler would take the shim's traps
+    run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     has_avx2 = avx2.cpu_features().get("avx2", False)
     assert run.stdout.split() == ["AVX2," if has_avx2 else "SSE,", "AVX-512", "hidden", "|", "False", "False",
@@ -53,15 +58,16 @@ def test_avx2_environment_hides_avx512_from_llvm_and_numpy():
 @pytest.mark.parametrize("fault", ["import ctypes; ctypes.string_at(0)",  # a real fault
                                    "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"])  # one sent by kill
 def test_avx2_environment_leaves_a_real_segfault_a_segfault(fault):
-    if not CAN_HIDE:
-        return  # nothing is preloaded where the machine cannot hide AVX-512 (the test above checks the error)
-    run = subprocess.run([sys.executable, "-c", fault + "; print('survived')"], env=avx2.environment(),
-                         capture_output=True, text=True, timeout=120)
+    env = hidden_environment()
+    if env is None:
+        return  # nothing is preloaded where the machine cannot hide AVX-512
+    run = subprocess.run([sys.executable, "-c", fault + "; print('survived')"], env=env, capture_output=True,
+                         text=True, timeout=120)
     assert run.returncode == -signal.SIGSEGV and "survived" not in run.stdout
 
 
 def test_avx2_environment_names_what_the_machine_lacks(monkeypatch, tmp_path):
-    if not X86_LINUX:
+    if not (sys.platform == "linux" and avx2.is_x86_64()):
         with pytest.raises(MachineError, match="needs Linux on x86-64"):
             avx2.environment()
         return
@@ -76,22 +82,24 @@ def test_avx2_environment_names_what_the_machine_lacks(monkeypatch, tmp_path):
     monkeypatch.setattr(avx2, "_compiler", lambda: None)
     with pytest.raises(MachineError, match="no C compiler was found: install gcc"):
         avx2.environment()
-    monkeypatch.setattr(avx2, "_compiler", lambda: "/bin/false")
-    with pytest.raises(MachineError, match=r"/bin/false could not build hide_avx512.c \(exit status 1\): no message"):
+    failing = tmp_path / "failing-cc"  # a compiler that fails without a word
+    failing.write_text("#!/bin/sh\nexit 1\n")
+    failing.chmod(0o755)
+    monkeypatch.setattr(avx2, "_compiler", lambda: str(failing))
+    with pytest.raises(MachineError, match=r"failing-cc could not build hide_avx512.c \(exit status 1\): no message"):
         avx2.environment()
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "with space"))
     with pytest.raises(MachineError, match="a space or colon in the path"):
         avx2.environment()
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/no/such/dir")  # cannot be created
-    monkeypatch.setattr(avx2, "_compiler", lambda: "cc")
     with pytest.raises(MachineError, match="could not build hide_avx512.c into /proc/no/such/dir/mininp_segformer"):
         avx2.environment()
     assert not list(tmp_path.rglob("*.so*"))  # no half-built library left behind
 
 
 def test_bench_cpu_avx2_runs_the_profile_on_avx2_code(capfd):
-    if HAS_AVX512 and not CAN_HIDE:
-        with pytest.raises(SystemExit) as e:
+    if not avx2.is_x86_64() or (HAS_AVX512 and hidden_environment() is None):
+        with pytest.raises(SystemExit) as e:  # nothing to run it on: an error that says so, before any work
             bench.main(["--cpu", "avx2", "--profile"])
         assert e.value.code == 2 and "--cpu avx2:" in capfd.readouterr().err
         return

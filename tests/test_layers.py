@@ -102,11 +102,12 @@ def test_gelu_kernel_equals_reference_and_definition():
 
 
 def test_gelu_kernel_keeps_the_sign_and_the_bound_everywhere():
-    """Every float32 step over [-8, 8] (and a sample beyond): GELU(x) = x Phi(x) with 0 <= Phi <= 1, so the kernel's
-    value has x's sign (or is zero) and is no larger than x, and is within 2.5e-7 |x| of x Phi(x) in float64."""
+    """A 2^-15 grid of [-8, 8] (524,288 points) and 100,000 values up to a few hundred: GELU(x) = x Phi(x) with
+    0 <= Phi <= 1, so the kernel's value has x's sign (or is zero) and is no larger than x, and it is within
+    2.5e-7 |x| of x Phi(x) in float64."""
     from scipy.special import ndtr
 
-    x = np.concatenate([np.arange(-8, 8, 2**-15, dtype=np.float32), randn(100000) * 100])  # float32 steps near +-8
+    x = np.concatenate([np.arange(-8, 8, 2**-15, dtype=np.float32), randn(100000) * 100])
     fast = kernels.gelu(x.reshape(-1, 16)).reshape(-1)
     assert np.all(fast[x < 0] <= 0) and np.all(fast[x > 0] >= 0), "GELU's sign"
     assert np.all(np.abs(fast) <= np.abs(x)), "Phi above 1"
@@ -116,8 +117,8 @@ def test_gelu_kernel_keeps_the_sign_and_the_bound_everywhere():
 
 def test_gelu_kernel_coefficients_are_the_fit():
     """kernels.gelu's P and Q are tools/fit_gelu.py's (rounded to float32), and as accurate as its docstring says:
-    |x P(x^2) / Q(x^2) - (Phi(x) - 1/2)| <= 3e-8 on [0, 4 sqrt 2], evaluated in float64 on a grid finer than the
-    fit's."""
+    |x P(x^2) / Q(x^2) - (Phi(x) - 1/2)| <= 2.5e-8 on [0, 4 sqrt 2] (2.1e-8 in the docstrings), evaluated in
+    float64 on a grid finer than the fit's."""
     from scipy.special import ndtr
 
     from mininp_segformer.tools import fit_gelu
@@ -126,14 +127,14 @@ def test_gelu_kernel_coefficients_are_the_fit():
     assert worst < 1.2e-8
     ours_p = np.array([getattr(kernels, f"_P{k}") for k in range(6)], np.float64)
     ours_q = np.array([1.0] + [getattr(kernels, f"_Q{k}") for k in range(1, 6)], np.float64)
-    np.testing.assert_allclose(ours_p, p, rtol=1e-4)  # a rational fit's coefficients move with LAPACK's rounding
-    np.testing.assert_allclose(ours_q, q, rtol=1e-4)  # (1.7e-6 on OpenBLAS's Sandybridge path); its error does not
+    np.testing.assert_allclose(ours_p, p, rtol=1e-3)  # a rational fit's coefficients move with LAPACK's rounding
+    np.testing.assert_allclose(ours_q, q, rtol=1e-3)  # (1.7e-6 on OpenBLAS's Sandybridge path); its error does not
     x = np.linspace(0, float(kernels.GELU_L), 400001)
     s = x * x
     error = x * np.polynomial.polynomial.polyval(s, ours_p) / np.polynomial.polynomial.polyval(s, ours_q)
-    assert np.abs(error - (ndtr(x) - 0.5)).max() <= 3e-8
-    assert kernels.GELU_L == np.float32(fit_gelu.L) and ndtr(-fit_gelu.L) < 2 ** -26  # 1 - Phi(L): below half a
-    # float32 step below 1, so Phi past L is 1 (and 0 left of -L) to float32 precision
+    assert np.abs(error - (ndtr(x) - 0.5)).max() <= 2.5e-8
+    assert kernels.GELU_L == np.float32(fit_gelu.L) and ndtr(-fit_gelu.L) < 2 ** -25  # 1 - Phi(L): below half a
+    # float32 step below 1 (2^-24), so Phi past L is 1 (and 0 left of -L) to float32 precision
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 4, 2, 5), (2, 5, 9, 7), (1, 12, 3, 16), (3, 2, 17, 33)])
@@ -403,9 +404,9 @@ def test_kernel_softmax_leaves_its_input_unless_asked():
         kernels.softmax(before, axis=0)
 
 
-# The same computation summed in another order, with polynomial exp/erf in the kernels: float32 rounding that grows
-# with depth. Measured max|numba - numpy| / max|numpy|: b0 7e-7 (AVX-512 code paths) and 1.1e-6 (OpenBLAS Sandybridge
-# + numba generic); b1 up to 1.4e-6; b3 1.3e-6 at 65 x 77 -- as far apart as each is from torch, and as far as our
+# The same computation summed in another order, with a polynomial exp and a rational Phi in the kernels: float32
+# rounding that grows with depth. Measured max|numba - numpy| / max|numpy|: b0 7e-7 (AVX-512 code paths) and 1.1e-6
+# (OpenBLAS Sandybridge + numba generic); b1 up to 1.4e-6; b3 1.3e-6 at 65 x 77 -- as far apart as each is from torch, and as far as our
 # float32 is from our float64 (test_parity.test_float64_numpy_backend).
 @pytest.mark.parametrize("variant,size,decoder,rtol", [("b0", (61, 93), "fused", 2e-6), ("b1", (33, 40), "literal", 2e-6)])
 def test_the_two_backends_agree(variant, size, decoder, rtol):

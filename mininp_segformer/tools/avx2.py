@@ -33,10 +33,14 @@ def cpu_features() -> dict[str, bool]:
     return dict(binding.get_host_cpu_features())
 
 
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def simd_level() -> str:
     """"AVX-512", "AVX2" or "SSE" on x86-64 (the widest vectors this process's libraries may use, and whether
     AVX-512 is hidden from it); the machine's name elsewhere."""
-    if platform.machine() != "x86_64":
+    if not is_x86_64():
         return platform.machine()
     features = cpu_features()
     level = "AVX-512" if features.get("avx512f") else "AVX2" if features.get("avx2") else "SSE"
@@ -48,7 +52,7 @@ def environment(env: dict | None = None) -> dict:
     """A copy of `env` (default: this process's) in which new processes see no AVX-512: `hide_avx512.c` is built
     once into the user's cache and preloaded. Python's faulthandler is turned off in it: its SIGSEGV handler would
     take the trapped cpuid instructions from the shim's. Raises `MachineError` where this cannot work."""
-    if platform.system() != "Linux" or platform.machine() != "x86_64":
+    if platform.system() != "Linux" or not is_x86_64():
         raise MachineError(f"hiding AVX-512 needs Linux on x86-64, not {platform.system()} on {platform.machine()}; "
                            "run the benchmark on an AVX2 machine instead")
     if "cpuid_fault" not in _cpu_flags():

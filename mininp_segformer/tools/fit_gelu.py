@@ -4,13 +4,13 @@
 
 Phi is the standard normal CDF (GELU(x) = x Phi(x)), odd about 1/2, so one rational function of x^2 times x covers
 both signs; past 4 sqrt 2 it is 1 (or 0) to within 7.7e-9, below float32's resolution near 1. The fit minimises the
-largest absolute error over [0, L] (minimax), as a sequence of weighted linear least-squares problems: P(s) -
-f Q(s) = 0 is linear in the coefficients once Q(0) = 1 is fixed; each solve is re-weighted by the previous Q
+largest absolute error over [0, L] (minimax), as a sequence of weighted linear least-squares problems: x P(s) -
+f Q(s) = 0 (s = x^2) is linear in the coefficients once Q(0) = 1 is fixed; each solve is re-weighted by the previous Q
 (Sanathanan and Koerner, 1963, so that it minimises (P / Q - f) rather than (P - f Q)), and between solves the
 weights grow where the error is large (Lawson's iteration), which drives the error towards equal ripples. With
-P and Q of degree 5 in x^2 the largest error is 1.1e-8, and 2.9e-8 with the coefficients rounded to float32 (the
-kernel's), half of float32's spacing at 1/2; the kernel's float32 arithmetic adds its own rounding to that
-(tests/test_layers.py bounds the result).
+P and Q of degree 5 in x^2 the largest error is 1.1e-8, and 2.1e-8 with the kernel's float32 coefficients (these,
+printed to 9 digits and rounded), under half of float32's spacing at 1/2; the kernel's float32 arithmetic adds
+its own rounding to that (tests/test_layers.py bounds the result).
 """
 
 from __future__ import annotations
