@@ -34,6 +34,7 @@ def cpu_features() -> dict[str, bool]:
 
 
 def is_x86_64() -> bool:
+    """Whether this is an x86-64 machine (Linux and macOS say "x86_64", Windows "AMD64")."""
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
