@@ -23,7 +23,6 @@ from pathlib import Path
 from ..errors import MachineError
 
 SOURCE = Path(__file__).with_name("hide_avx512.c")
-HIDDEN = "MININP_SEGFORMER_AVX512_HIDDEN"  # set in the environment of a process that runs with AVX-512 hidden
 
 
 def cpu_features() -> dict[str, bool]:
@@ -45,8 +44,12 @@ def simd_level() -> str:
         return platform.machine()
     features = cpu_features()
     level = "AVX-512" if features.get("avx512f") else "AVX2" if features.get("avx2") else "SSE"
-    hidden = os.environ.get(HIDDEN) and "hide_avx512" in os.environ.get("LD_PRELOAD", "")
-    return f"{level}, AVX-512 hidden" if hidden else level
+    return f"{level}, AVX-512 hidden" if preloaded() else level
+
+
+def preloaded() -> bool:
+    """Whether this process runs with the shim preloaded (started with `environment()`'s variables)."""
+    return "hide_avx512" in os.environ.get("LD_PRELOAD", "")
 
 
 def environment(env: dict | None = None) -> dict:
@@ -62,7 +65,6 @@ def environment(env: dict | None = None) -> dict:
                            "OPENBLAS_CORETYPE=Haswell NUMBA_CPU_NAME=haswell to move mininp_segformer alone to AVX2")
     env = dict(os.environ if env is None else env)
     env["LD_PRELOAD"] = " ".join(filter(None, [env.get("LD_PRELOAD", ""), str(_build())]))  # after any sanitiser's
-    env[HIDDEN] = "1"
     for name in ("PYTHONFAULTHANDLER", "PYTHONDEVMODE"):  # both turn faulthandler on
         env.pop(name, None)
     return env

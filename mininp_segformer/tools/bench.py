@@ -430,7 +430,7 @@ def main(argv=None) -> int:
     if args.cpu == "avx2" and not avx2.is_x86_64():
         parser.error(f"--cpu avx2: AVX2 is an x86-64 instruction set; this machine is {platform.machine()}")
     if args.cpu == "avx2" and avx2.cpu_features().get("avx512f"):  # AVX-512 to hide: run again in a process that
-        if os.environ.get(avx2.HIDDEN):                                 # sees none (its children inherit that)
+        if avx2.preloaded():                                            # sees none (its children inherit that)
             parser.error("--cpu avx2: AVX-512 is still visible in a process started to hide it")
         try:
             env = avx2.environment()
